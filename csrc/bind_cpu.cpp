@@ -1,0 +1,71 @@
+// pybind11 module pyopt._C: raw addresses and sizes in, nothing torch.
+// Python (pyopt/_checks.py) validates every tensor before its address
+// arrives here; this layer only checks what it cannot get wrong cheaply.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "build_info.h"
+#include "cpu/isa.h"
+#include "cpu/optim_cpu.h"
+
+namespace py = pybind11;
+
+namespace {
+
+pyopt::Isa parse_isa(const std::string& name) {
+  pyopt::Isa isa;
+  if (!pyopt::isa_from_name(name, &isa))
+    throw std::invalid_argument("unknown ISA '" + name + "' (expected avx512, avx2 or baseline)");
+  return isa;
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = PYOPT_VERSION_INFO;
+  d["compiler"] = PYOPT_COMPILER;
+  d["flags"] = PYOPT_BUILD_FLAGS;
+  d["isa_variants"] = PYOPT_ISA_LIST;
+  d["avx2_flags"] = PYOPT_AVX2_FLAGS;
+  d["avx512_flags"] = PYOPT_AVX512_FLAGS;
+#if defined(_OPENMP)
+  d["openmp"] = true;
+  d["openmp_version"] = _OPENMP;
+#else
+  d["openmp"] = false;
+  d["openmp_version"] = 0;
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyopt CPU kernels (addresses in, no torch)";
+
+  m.def("adam_step", &pyopt::adam_step_cpu, py::call_guard<py::gil_scoped_release>(),
+        py::arg("table"), py::arg("n"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+        py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"),
+        py::arg("decoupled"), py::arg("param_dtype"), py::arg("state_dtype"),
+        py::arg("nthreads"),
+        "Fused Adam/AdamW over an address table (see csrc/common/optim_table.h).");
+
+  m.def("build_info", &build_info);
+  m.def("isa_compiled", [](const std::string& s) { return pyopt::isa_compiled(parse_isa(s)); });
+  m.def("isa_supported", [](const std::string& s) { return pyopt::isa_supported(parse_isa(s)); });
+  m.def("best_isa", [] { return std::string(pyopt::isa_name(pyopt::best_isa())); });
+  m.def("current_isa", [] { return std::string(pyopt::isa_name(pyopt::current_isa())); });
+  m.def("set_isa", [](const std::string& s) {
+    const pyopt::Isa isa = parse_isa(s);
+    if (!pyopt::isa_compiled(isa))
+      throw std::invalid_argument("ISA '" + s + "' is not compiled into this build");
+    if (!pyopt::isa_supported(isa))
+      throw std::invalid_argument("this CPU does not support ISA '" + s + "'");
+    pyopt::set_isa(isa);
+  });
+}

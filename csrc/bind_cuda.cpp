@@ -1,0 +1,72 @@
+// pybind11 module _C_cuda: the CUDA kernels behind plain integers.
+//
+// No torch and no CUDA header here: addresses, element counts, dtype codes
+// and the raw stream handle (torch.cuda.current_stream().cuda_stream) come in
+// as Python ints. pyopt/_checks.py validates every tensor before calling;
+// this layer only checks what would otherwise be undefined behaviour in the
+// dispatch (a negative count, an unknown dtype code).
+//
+// C++ exceptions map to Python: std::invalid_argument -> ValueError,
+// std::runtime_error -> RuntimeError.
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/launchers.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void check_dtype_code(int code, const char* name) {
+  if (code < 0 || code > 2) {
+    throw std::invalid_argument(std::string("_C_cuda: ") + name + " must be 0 (float32), "
+                                "1 (bfloat16) or 2 (float16), got " + std::to_string(code));
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "pyopt CUDA kernels (raw addresses in; see pyopt/_checks.py)";
+
+  m.def(
+      "adam_step",
+      [](int64_t table_addr, int64_t n, double lr, double beta1, double beta2, double eps,
+         double weight_decay, bool amsgrad, bool maximize, bool decoupled, int param_dtype,
+         int state_dtype, int64_t stream) {
+        if (n < 0) throw std::invalid_argument("_C_cuda.adam_step: n must be >= 0");
+        check_dtype_code(param_dtype, "param_dtype");
+        check_dtype_code(state_dtype, "state_dtype");
+        // Only host arithmetic and asynchronous launches follow, but a launch
+        // can block when the launch queue is full: let other threads run.
+        py::gil_scoped_release no_gil;
+        pyopt::cuda::adam_step(table_addr, n, lr, beta1, beta2, eps, weight_decay, amsgrad,
+                               maximize, decoupled, param_dtype, state_dtype, stream);
+      },
+      py::arg("table_addr"), py::arg("n"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+      py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"),
+      py::arg("decoupled"), py::arg("param_dtype"), py::arg("state_dtype"), py::arg("stream"),
+      "Fused Adam/AdamW step over n tensors described by an int64 [n, 7] address table "
+      "(csrc/common/optim_table.h). Increments each host float32 step, launches on `stream`, "
+      "does not synchronize.");
+
+  m.def("device_count", &pyopt::cuda::device_count,
+        "Visible CUDA devices; 0 when there is no driver or device. Never raises.");
+
+  m.def("runtime_error", &pyopt::cuda::runtime_error,
+        "'' when the CUDA runtime sees a device, else the runtime's error string.");
+
+  m.def(
+      "build_info",
+      [] {
+        py::dict d;
+        d["cuda_version"] = pyopt::cuda::cuda_version();
+        d["archs"] = pyopt::cuda::cuda_archs();
+        return d;
+      },
+      "Toolkit version and target architectures this module was built with.");
+}

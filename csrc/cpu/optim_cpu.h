@@ -1,0 +1,34 @@
+// CPU optimizer entry points: ISA-neutral declarations shared by the
+// dispatcher (optim.cpp) and the per-ISA kernel translation units.
+#pragma once
+#include <cstdint>
+
+#include "common/optim_math.h"
+#include "common/optim_table.h"
+#include "cpu/isa.h"
+
+namespace pyopt {
+
+// One Adam call over all tensors of a (group, device, dtype). Plain data only:
+// the per-ISA translation units must not share any inline code.
+struct AdamCall {
+  const int64_t* table;                // n x kAdamCols, see optim_table.h
+  int64_t n;
+  const int64_t* offsets;              // n + 1 prefix sums of numel
+  const AdamTensorScalars* scalars;    // n per-tensor scalars
+  AdamHyper hyper;
+  bool amsgrad, maximize;
+  int wd_mode;                         // WeightDecay
+  int param_dtype, state_dtype;        // DType
+};
+
+// Processes elements [begin, end) of the concatenation of all tensors.
+void adam_range_baseline(const AdamCall& call, int64_t begin, int64_t end);
+void adam_range_avx2(const AdamCall& call, int64_t begin, int64_t end);
+void adam_range_avx512(const AdamCall& call, int64_t begin, int64_t end);
+
+void adam_step_cpu(int64_t table_addr, int64_t n, double lr, double beta1, double beta2,
+                   double eps, double weight_decay, bool amsgrad, bool maximize,
+                   bool decoupled, int param_dtype, int state_dtype, int nthreads);
+
+}  // namespace pyopt

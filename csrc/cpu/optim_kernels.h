@@ -1,0 +1,130 @@
+// Optimizer CPU kernels. This header is compiled once per ISA variant: the
+// build generates <family>_<isa>.cpp files that define PYOPT_ISA and include
+// it with that ISA's flags. Code lives in namespace pyopt::PYOPT_ISA so that no
+// two variants share a symbol. Avoid std templates here for the same reason.
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu/convert.h"
+#include "cpu/optim_cpu.h"
+
+namespace pyopt {
+namespace PYOPT_ISA {
+
+// Elements per conversion block for 16-bit storage: 5 float buffers of 1 KiB
+// stay in L1 while the math runs over them.
+constexpr int64_t kBlock = 256;
+
+template <typename T>
+constexpr bool is_f32 = std::is_same<T, float>::value;
+
+// fp32 params and state: the math runs directly on memory, one pass, which the
+// compiler vectorises (check with -fopt-info-vec).
+template <bool AMS, bool MAX, int WD>
+static void adam_f32(float* __restrict p, const float* __restrict g, float* __restrict m,
+                     float* __restrict v, float* __restrict vm, int64_t n,
+                     const AdamHyper& h, const AdamTensorScalars& s) {
+  for (int64_t i = 0; i < n; ++i) {
+    float pi = p[i], mi = m[i], vi = v[i], vmi = AMS ? vm[i] : 0.0f;
+    adam_math<AMS, MAX, WD>(pi, g[i], mi, vi, vmi, h, s);
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+    if (AMS) vm[i] = vmi;
+  }
+}
+
+// 16-bit params and/or state: convert a block to float, run the fp32 kernel
+// on the buffers, round back. State that is already float is used in place.
+template <typename P, typename S, bool AMS, bool MAX, int WD>
+static void adam_blocked(P* p, const P* g, S* m, S* v, S* vm, int64_t n,
+                         const AdamHyper& h, const AdamTensorScalars& s) {
+  alignas(64) float pb[kBlock], gb[kBlock], mb[kBlock], vb[kBlock], vmb[kBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t k = n - i0 < kBlock ? n - i0 : kBlock;
+    float *mp, *vp, *vmp = vmb;
+    load_block(p + i0, pb, k);
+    load_block(g + i0, gb, k);
+    if constexpr (is_f32<S>) {
+      mp = m + i0;
+      vp = v + i0;
+      if (AMS) vmp = vm + i0;
+    } else {
+      mp = mb;
+      vp = vb;
+      load_block(m + i0, mb, k);
+      load_block(v + i0, vb, k);
+      if (AMS) load_block(vm + i0, vmb, k);
+    }
+    adam_f32<AMS, MAX, WD>(pb, gb, mp, vp, vmp, k, h, s);
+    store_block(pb, p + i0, k);
+    if constexpr (!is_f32<S>) {
+      store_block(mb, m + i0, k);
+      store_block(vb, v + i0, k);
+      if (AMS) store_block(vmb, vm + i0, k);
+    }
+  }
+}
+
+// One table row, elements [off, off + len).
+template <typename P, typename S, bool AMS, bool MAX, int WD>
+static void adam_row(const int64_t* row, int64_t off, int64_t len, const AdamHyper& h,
+                     const AdamTensorScalars& s) {
+  P* p = reinterpret_cast<P*>(row[kAdamParam]) + off;
+  const P* g = reinterpret_cast<const P*>(row[kAdamGrad]) + off;
+  S* m = reinterpret_cast<S*>(row[kAdamExpAvg]) + off;
+  S* v = reinterpret_cast<S*>(row[kAdamExpAvgSq]) + off;
+  S* vm = AMS ? reinterpret_cast<S*>(row[kAdamMaxExpAvgSq]) + off : nullptr;
+  if constexpr (is_f32<P> && is_f32<S>)
+    adam_f32<AMS, MAX, WD>(p, g, m, v, vm, len, h, s);
+  else
+    adam_blocked<P, S, AMS, MAX, WD>(p, g, m, v, vm, len, h, s);
+}
+
+using AdamRowFn = void (*)(const int64_t*, int64_t, int64_t, const AdamHyper&,
+                           const AdamTensorScalars&);
+
+template <typename P, typename S, bool AMS, bool MAX>
+static AdamRowFn pick_wd(int wd) {
+  if (wd == kL2) return adam_row<P, S, AMS, MAX, kL2>;
+  if (wd == kDecoupled) return adam_row<P, S, AMS, MAX, kDecoupled>;
+  return adam_row<P, S, AMS, MAX, kNoDecay>;
+}
+
+template <typename P, typename S>
+static AdamRowFn pick_flags(const AdamCall& c) {
+  if (c.amsgrad)
+    return c.maximize ? pick_wd<P, S, true, true>(c.wd_mode) : pick_wd<P, S, true, false>(c.wd_mode);
+  return c.maximize ? pick_wd<P, S, false, true>(c.wd_mode) : pick_wd<P, S, false, false>(c.wd_mode);
+}
+
+// Supported (param, state) dtypes: state equal to param, or fp32 state.
+static AdamRowFn pick(const AdamCall& c) {
+  const int pd = c.param_dtype, sd = c.state_dtype;
+  if (pd == kFloat32 && sd == kFloat32) return pick_flags<float, float>(c);
+  if (pd == kBFloat16 && sd == kBFloat16) return pick_flags<bf16, bf16>(c);
+  if (pd == kFloat16 && sd == kFloat16) return pick_flags<f16, f16>(c);
+  if (pd == kBFloat16 && sd == kFloat32) return pick_flags<bf16, float>(c);
+  if (pd == kFloat16 && sd == kFloat32) return pick_flags<f16, float>(c);
+  return nullptr;
+}
+
+}  // namespace PYOPT_ISA
+
+void PYOPT_CAT(adam_range, PYOPT_ISA)(const AdamCall& c, int64_t begin, int64_t end) {
+  const PYOPT_ISA::AdamRowFn fn = PYOPT_ISA::pick(c);
+  if (fn == nullptr || begin >= end) return;
+  // First tensor whose range [offsets[t], offsets[t+1]) contains begin.
+  int64_t lo = 0, hi = c.n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (c.offsets[mid + 1] <= begin) lo = mid + 1; else hi = mid;
+  }
+  for (int64_t t = lo; t < c.n && c.offsets[t] < end; ++t) {
+    const int64_t a = begin > c.offsets[t] ? begin : c.offsets[t];
+    const int64_t b = end < c.offsets[t + 1] ? end : c.offsets[t + 1];
+    if (b > a) fn(c.table + t * kAdamCols, a - c.offsets[t], b - a, c.hyper, c.scalars[t]);
+  }
+}
+
+}  // namespace pyopt

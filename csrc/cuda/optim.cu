@@ -1,0 +1,244 @@
+// CUDA optimizer kernels: multi-tensor fused Adam / AdamW.
+//
+// The per-element math is pyopt::adam_math from csrc/common/optim_math.h, the
+// same inline function the CPU kernels run; this file only moves data
+// (multi_tensor_apply.cuh) and computes per-tensor scalars on the host.
+//
+// Compile without fast-math flags (--use_fast_math, -ftz, -prec-div=false,
+// -prec-sqrt=false): NaN/inf must propagate and sqrt/div must be IEEE, as on
+// the CPU.
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/optim_math.h"
+#include "common/optim_table.h"
+#include "cuda/launchers.h"
+#include "cuda/multi_tensor_apply.cuh"
+
+// String literal naming the architectures this file was compiled for, set by
+// the build (e.g. -DPYOPT_CUDA_ARCHS="\"80-real;90-real;90-virtual\"").
+#ifndef PYOPT_CUDA_ARCHS
+#define PYOPT_CUDA_ARCHS "unknown"
+#endif
+
+namespace pyopt {
+namespace cuda {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Device side.
+
+// Lists: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, [4 max_exp_avg_sq].
+template <typename P, typename S, bool AMSGRAD, bool MAXIMIZE, int WD>
+struct AdamOp {
+  using Lists = std::conditional_t<AMSGRAD, TypeList<P, P, S, S, S>, TypeList<P, P, S, S>>;
+  using PerTensor = AdamTensorScalars;
+  // Everything but the grad is written back.
+  static constexpr unsigned kWriteMask = AMSGRAD ? 0b11101u : 0b01101u;
+
+  AdamHyper h;
+
+  __device__ __forceinline__ void operator()(float (&x)[Lists::size],
+                                             const AdamTensorScalars& s) const {
+    if constexpr (AMSGRAD) {
+      adam_math<true, MAXIMIZE, WD>(x[0], x[1], x[2], x[3], x[4], h, s);
+    } else {
+      float unused = 0.0f;
+      adam_math<false, MAXIMIZE, WD>(x[0], x[1], x[2], x[3], unused, h, s);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Host side.
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<storage type>) for a pyopt::DType code.
+template <typename F>
+void dispatch_dtype(int code, F&& f) {
+  switch (code) {
+    case kFloat32: return f(Tag<float>{});
+    case kBFloat16: return f(Tag<__nv_bfloat16>{});
+    case kFloat16: return f(Tag<__half>{});
+    default: throw std::invalid_argument("pyopt CUDA: unknown dtype code " + std::to_string(code));
+  }
+}
+
+template <typename F>
+void dispatch_bool(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+template <typename F>
+void dispatch_weight_decay(int wd, F&& f) {
+  switch (wd) {
+    case kNoDecay: return f(std::integral_constant<int, kNoDecay>{});
+    case kL2: return f(std::integral_constant<int, kL2>{});
+    default: return f(std::integral_constant<int, kDecoupled>{});
+  }
+}
+
+// (param/grad dtype, state dtype) pairs compiled in. torch.optim keeps the
+// state in the param dtype; fp32 state for 16-bit params is the usual
+// mixed-precision layout.
+template <typename P, typename S>
+constexpr bool kAdamPairSupported =
+    std::is_same_v<P, S> || (!std::is_same_v<P, float> && std::is_same_v<S, float>);
+
+const char* dtype_name(int code) {
+  switch (code) {
+    case kFloat32: return "float32";
+    case kBFloat16: return "bfloat16";
+    case kFloat16: return "float16";
+    default: return "unknown";
+  }
+}
+
+template <typename T>
+T* from_addr(int64_t addr) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(addr));
+}
+
+// Throws unless the runtime initializes and sees at least one device.
+void require_device() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear it so later calls do not report it again
+    throw std::runtime_error(std::string("pyopt CUDA: no usable CUDA device: ") +
+                             cudaGetErrorString(err));
+  }
+  if (count == 0) {
+    throw std::runtime_error(std::string("pyopt CUDA: no usable CUDA device: ") +
+                             cudaGetErrorString(cudaErrorNoDevice));
+  }
+}
+
+template <typename P, typename S, bool AMSGRAD, bool MAXIMIZE, int WD>
+void run_adam(const int64_t* table, int64_t n, double lr, double beta1, double beta2,
+              const AdamHyper& hyper, cudaStream_t stream) {
+  using Op = AdamOp<P, S, AMSGRAD, MAXIMIZE, WD>;
+  constexpr int kDepth = Op::Lists::size;
+  MultiTensorLauncher<Op> launcher(Op{hyper}, stream);
+
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t* row = table + i * kAdamCols;
+
+    // torch: step_t += 1 on the float32 CPU tensor, then the bias
+    // corrections in Python floats (double) from its value.
+    float* step = from_addr<float>(row[kAdamStep]);
+    *step += 1.0f;
+    const double t = static_cast<double>(*step);
+    const double bc1 = 1.0 - std::pow(beta1, t);
+    AdamTensorScalars scalars;
+    scalars.neg_step_size = static_cast<float>(-(lr / bc1));
+    scalars.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)));
+
+    void* ptrs[kDepth];
+    ptrs[0] = from_addr<void>(row[kAdamParam]);
+    ptrs[1] = from_addr<void>(row[kAdamGrad]);
+    ptrs[2] = from_addr<void>(row[kAdamExpAvg]);
+    ptrs[3] = from_addr<void>(row[kAdamExpAvgSq]);
+    if constexpr (AMSGRAD) ptrs[4] = from_addr<void>(row[kAdamMaxExpAvgSq]);
+
+    launcher.add(ptrs, row[kAdamNumel], scalars);  // numel == 0: step counted, nothing launched
+  }
+  launcher.flush();
+}
+
+}  // namespace
+
+void adam_step(int64_t table_addr, int64_t n, double lr, double beta1, double beta2, double eps,
+               double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+               int param_dtype, int state_dtype, int64_t stream) {
+  if (n < 0) throw std::invalid_argument("pyopt CUDA adam_step: n must be >= 0");
+  // Resolve the dtype pair first so a bad pair is reported even for n == 0.
+  bool supported = false;
+  dispatch_dtype(param_dtype, [&](auto p_tag) {
+    dispatch_dtype(state_dtype, [&](auto s_tag) {
+      using P = typename decltype(p_tag)::type;
+      using S = typename decltype(s_tag)::type;
+      supported = kAdamPairSupported<P, S>;
+    });
+  });
+  if (!supported) {
+    throw std::invalid_argument(std::string("pyopt CUDA adam_step: unsupported dtypes param=") +
+                                dtype_name(param_dtype) + " state=" + dtype_name(state_dtype));
+  }
+  if (n == 0) return;
+  require_device();
+
+  AdamHyper hyper;
+  hyper.beta2 = static_cast<float>(beta2);
+  hyper.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  hyper.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  hyper.eps = static_cast<float>(eps);
+  hyper.weight_decay = static_cast<float>(weight_decay);
+  hyper.decay_factor = static_cast<float>(1.0 - lr * weight_decay);
+  const int wd = weight_decay == 0.0 ? kNoDecay : (decoupled ? kDecoupled : kL2);
+
+  const int64_t* table = from_addr<const int64_t>(table_addr);
+  const cudaStream_t cu_stream = reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
+
+  dispatch_dtype(param_dtype, [&](auto p_tag) {
+    dispatch_dtype(state_dtype, [&](auto s_tag) {
+      using P = typename decltype(p_tag)::type;
+      using S = typename decltype(s_tag)::type;
+      if constexpr (kAdamPairSupported<P, S>) {
+        dispatch_bool(amsgrad, [&](auto ams) {
+          dispatch_bool(maximize, [&](auto maxim) {
+            dispatch_weight_decay(wd, [&](auto wd_c) {
+              run_adam<P, S, decltype(ams)::value, decltype(maxim)::value, decltype(wd_c)::value>(
+                  table, n, lr, beta1, beta2, hyper, cu_stream);
+            });
+          });
+        });
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Runtime queries for the whole _C_cuda module. They live here because
+// optim.cu is the module's only CUDA source so far; move them to their own
+// file when sparse/quant kernels arrive.
+
+int device_count() noexcept {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+std::string runtime_error() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return cudaGetErrorString(err);
+  }
+  return count > 0 ? std::string() : std::string(cudaGetErrorString(cudaErrorNoDevice));
+}
+
+std::string cuda_version() {
+  return std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+}
+
+std::string cuda_archs() { return PYOPT_CUDA_ARCHS; }
+
+}  // namespace cuda
+}  // namespace pyopt

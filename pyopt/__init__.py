@@ -1,0 +1,11 @@
+"""pyopt: fused optimizers and fast kernels for PyTorch.
+
+Importing pyopt never fails because a native module or a GPU is missing;
+``pyopt.info()`` (or ``pyopt info`` on the command line) says what is usable.
+"""
+from ._version import __version__
+from . import optim
+from ._backends import BackendUnavailable
+from ._info import info
+
+__all__ = ["__version__", "optim", "info", "BackendUnavailable"]

@@ -1,0 +1,94 @@
+"""Argument validation. Every tensor is checked here before its address goes
+to native code: a wrong argument is a Python exception that names it, never a
+crash or a silent wrong answer."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# dtype codes shared with csrc/common/optim_math.h (enum DType).
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+SUPPORTED = "float32, bfloat16 or float16"
+
+
+def scalar(x, name: str) -> float:
+    """A Python float from a float or a 1-element tensor."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
+        if x.requires_grad:
+            raise ValueError(f"{name} must not require grad (differentiable=True is not supported)")
+        return float(x.item())
+    return float(x)
+
+
+def adam_hyper(lr, betas, eps, weight_decay) -> None:
+    """torch.optim.Adam's constructor checks, with the same messages."""
+    lr_f = scalar(lr, "lr")
+    if not 0.0 <= lr_f:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair, got {betas!r}")
+    b0, b1 = scalar(betas[0], "betas[0]"), scalar(betas[1], "betas[1]")
+    if not 0.0 <= b0 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= b1 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    for name, v in (("lr", lr_f), ("eps", eps), ("weight_decay", weight_decay)):
+        if math.isnan(float(v)):
+            raise ValueError(f"Invalid {name}: NaN")
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one block of memory
+    (contiguous, or a permutation of it such as channels_last)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def param(p: torch.Tensor, where: str) -> None:
+    """A parameter the native optimizers can update in place."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{where}: expected a Tensor, got {type(p).__name__}")
+    if p.layout is not torch.strided:
+        raise ValueError(f"{where}: {p.layout} parameters are not supported")
+    if p.is_complex():
+        raise TypeError(f"{where}: complex parameters ({p.dtype}) are not supported yet; "
+                        "use torch.optim, or view_as_real the parameter")
+    if p.dtype not in DTYPE_CODES:
+        raise TypeError(f"{where}: parameter dtype {p.dtype} is not supported (expected {SUPPORTED})")
+    if not is_dense(p):
+        raise ValueError(f"{where}: parameter with shape {tuple(p.shape)} and strides {p.stride()} "
+                         "has gaps or overlaps in memory; pass a contiguous parameter")
+
+
+def grad(p: torch.Tensor, g: torch.Tensor, where: str, optimizer: str) -> None:
+    """The gradient of ``p`` as the kernels read it: same dtype, shape, device
+    and memory layout as the parameter."""
+    if g.is_sparse or g.layout is not torch.strided:
+        raise RuntimeError(f"{optimizer} does not support sparse gradients ({where}), "
+                           "please consider SparseAdam instead")
+    if g.is_complex() and not p.is_complex():
+        raise TypeError(f"{where}: complex gradient for a real parameter")
+    if g.dtype != p.dtype:
+        raise TypeError(f"{where}: gradient dtype {g.dtype} differs from parameter dtype {p.dtype}")
+    if g.shape != p.shape:
+        raise ValueError(f"{where}: gradient shape {tuple(g.shape)} differs from parameter "
+                         f"shape {tuple(p.shape)}")
+    if g.device != p.device:
+        raise ValueError(f"{where}: gradient on {g.device} but parameter on {p.device}")
+    same_layout = g.is_contiguous() if p.is_contiguous() else g.stride() == p.stride()
+    if not same_layout:
+        raise ValueError(f"{where}: gradient strides {g.stride()} differ from parameter "
+                         f"strides {p.stride()}; make the gradient match the parameter layout")

@@ -1,0 +1,1 @@
+"""Pure-torch reference implementations: the readable spec and the fallback backend."""

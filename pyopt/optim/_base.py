@@ -1,0 +1,207 @@
+"""Shared machinery of the fused optimizers: one native call per
+(param group, device, dtype) per step, with address tables built once.
+
+A *plan* caches, per param group, the validated tensors and an int64 address
+table per (device, dtype) bucket (layout: csrc/common/optim_table.h). A warm
+step re-reads only what can change between steps (grads, param data
+pointers) and re-checks them cheaply; anything unexpected falls back to the
+full checks in pyopt._checks, which raise a precise error or rebuild the plan.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import _backends, _checks
+
+
+class _Bucket:
+    """Tensors of one (device, dtype) within a param group."""
+
+    __slots__ = ("pos", "params", "states", "steps", "numels", "dense_only", "table",
+                 "addr", "device", "dev_index", "dtype", "backend")
+
+    def __init__(self, device, dtype):
+        self.device, self.dtype = device, dtype
+        self.dev_index = device.index if device.type == "cuda" else -1
+        self.pos, self.params, self.states, self.steps, self.numels = [], [], [], [], []
+        self.dense_only = []   # positions (within bucket) of dense but non-contiguous params
+
+    def finish(self, state_keys, backend_request):
+        n, k = len(self.params), len(state_keys)
+        # columns: param, grad, state tensors..., step, numel
+        self.table = np.zeros((n, k + 4), dtype=np.int64)
+        for i, (st, step) in enumerate(zip(self.states, self.steps)):
+            for j, key in enumerate(state_keys):
+                t = st.get(key)
+                self.table[i, 2 + j] = 0 if t is None else t.data_ptr()
+            self.table[i, k + 2] = step.data_ptr()
+            self.table[i, k + 3] = self.numels[i]
+        self.addr = self.table.ctypes.data
+        self.backend = _backends.resolve(backend_request, self.device.type)
+
+
+class _Plan:
+    __slots__ = ("key", "buckets")
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses define STATE_KEYS, _init_state, _plan_flags,
+    _check_group and _run(bucket, params, grads, group)."""
+
+    STATE_KEYS: tuple = ()
+    _NAME = "Optimizer"
+
+    def __init__(self, params, defaults, backend):
+        self._backend = _backends.requested(backend)
+        self._plans: dict[int, _Plan] = {}
+        super().__init__(params, defaults)
+
+    # -- torch.optim.Optimizer hooks that invalidate cached plans ----------
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_backend", _backends.requested(None))
+        self._plans = {}
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self._plans = {}
+
+    def __getstate__(self):
+        # Plans hold raw addresses; never pickle them.
+        d = dict(super().__getstate__())
+        d.pop("_plans", None)
+        return d
+
+    @property
+    def backend(self) -> str:
+        """The requested backend ('auto', 'native', 'numba' or 'torch')."""
+        return self._backend
+
+    def backends_in_use(self) -> dict:
+        """{(device, dtype): backend} for the buckets of the last step."""
+        return {(str(b.device), str(b.dtype).replace("torch.", "")): b.backend
+                for plan in self._plans.values() for b in plan.buckets}
+
+    # -- step --------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step. ``closure`` re-evaluates the
+        model and returns the loss, as in torch.optim."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if torch.compiler.is_compiling():
+            # Traced: no cached addresses; each group becomes one pyopt:: op.
+            for group in self.param_groups:
+                ps = [p for p in group["params"] if p.grad is not None]
+                if ps:
+                    for p in ps:
+                        if len(self.state[p]) == 0:
+                            self._init_state(p, self.state[p], group)
+                    self._run_op(group, ps, [p.grad for p in ps])
+            return loss
+        # Validate every group before any kernel runs, so a bad argument
+        # leaves all params and state unchanged.
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group)
+            ps, gs = [], []
+            for p in group["params"]:
+                g = p.grad
+                if g is not None:
+                    ps.append(p)
+                    gs.append(g)
+            if ps:
+                work.append((group, self._plan(gi, group, ps, gs), ps, gs))
+        for group, plan, ps, gs in work:
+            for b in plan.buckets:
+                if len(plan.buckets) == 1:
+                    bps, bgs = ps, gs
+                else:
+                    bps, bgs = [ps[i] for i in b.pos], [gs[i] for i in b.pos]
+                b.table[:, 0] = [p.data_ptr() for p in bps]
+                b.table[:, 1] = [g.data_ptr() for g in bgs]
+                self._run(b, bps, bgs, group)
+        return loss
+
+    # -- plans ---------------------------------------------------------------
+    def _plan(self, gi, group, ps, gs) -> _Plan:
+        key = (tuple(map(id, ps)), self._plan_flags(group))
+        plan = self._plans.get(gi)
+        if plan is not None and plan.key == key and self._fast_check(plan, ps, gs):
+            return plan
+        plan = self._build_plan(gi, group, ps, gs, key)
+        self._plans[gi] = plan
+        return plan
+
+    def _fast_check(self, plan, ps, gs) -> bool:
+        """Cheap per-step checks; False sends the group through full checks."""
+        strided = torch.strided
+        for b in plan.buckets:
+            dt, dev = b.dtype, b.dev_index
+            if len(plan.buckets) == 1:
+                bps, bgs = ps, gs
+            else:
+                bps, bgs = [ps[i] for i in b.pos], [gs[i] for i in b.pos]
+            for p, g, n in zip(bps, bgs, b.numels):
+                if (g.layout is not strided or g.dtype is not dt or p.dtype is not dt
+                        or g.numel() != n or p.numel() != n or g.get_device() != dev
+                        or p.get_device() != dev or not g.is_contiguous()
+                        or not p.is_contiguous()):
+                    return False
+        return True
+
+    def _build_plan(self, gi, group, ps, gs, key) -> _Plan:
+        name = self._NAME
+        device = None
+        buckets: dict = {}
+        for i, (p, g) in enumerate(zip(ps, gs)):
+            where = f"param_groups[{gi}] param {i} (shape {tuple(p.shape)})"
+            _checks.param(p, where)
+            _checks.grad(p, g, where, name)
+            if device is None:
+                device = p.device
+            elif p.device != device:
+                raise ValueError(f"{name}: all params of one group must be on one device; "
+                                 f"param_groups[{gi}] has params on {device} and {p.device}")
+            st = self.state[p]
+            if len(st) == 0:
+                self._init_state(p, st, group)
+            self._normalize_state(p, st, group, where)
+            b = buckets.get(p.dtype)
+            if b is None:
+                b = buckets[p.dtype] = _Bucket(p.device, p.dtype)
+            b.pos.append(i)
+            b.params.append(p)
+            b.states.append(st)
+            b.steps.append(st["step"])
+            b.numels.append(p.numel())
+        plan = _Plan()
+        plan.key = key
+        plan.buckets = list(buckets.values())
+        for b in plan.buckets:
+            b.finish(self.STATE_KEYS, self._backend)
+        return plan
+
+    def _normalize_state(self, p, st, group, where):
+        """State tensors must match the param's dtype, device and layout, and
+        the step must be a CPU float32 scalar (where torch keeps it by default),
+        since the kernels read all of them through one address table."""
+        step = st.get("step")
+        if not isinstance(step, torch.Tensor):
+            st["step"] = torch.tensor(float(step or 0.0), dtype=torch.float32)
+        elif step.device.type != "cpu" or step.dtype != torch.float32 or step.dim() != 0:
+            st["step"] = step.detach().to("cpu", torch.float32).reshape(())
+        for key in self.STATE_KEYS:
+            t = st.get(key)
+            if t is None:
+                continue
+            if t.shape != p.shape:
+                raise ValueError(f"{where}: state {key!r} has shape {tuple(t.shape)}, "
+                                 f"expected {tuple(p.shape)}")
+            if (t.dtype != p.dtype or t.device != p.device
+                    or (p.is_contiguous() and not t.is_contiguous())
+                    or (not p.is_contiguous() and t.stride() != p.stride())):
+                st[key] = torch.empty_like(p).copy_(t)

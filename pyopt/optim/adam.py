@@ -1,0 +1,152 @@
+"""Fused Adam and AdamW: drop-in replacements for torch.optim.Adam/AdamW."""
+from __future__ import annotations
+
+import torch
+
+from .. import _backends, _checks
+from ._base import FusedOptimizer
+
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _flag_check(foreach, capturable, differentiable, fused):
+    # foreach/fused choose an implementation in torch; pyopt always runs its
+    # own fused multi-tensor kernel, so both are accepted and stored as given.
+    del foreach, fused
+    if capturable:
+        raise ValueError("capturable=True is not supported yet by pyopt (CUDA-graph capture "
+                         "is planned); use torch.optim for capturable steps")
+    if differentiable:
+        raise ValueError("differentiable=True is not supported by pyopt's fused kernels; "
+                         "use torch.optim for differentiable optimizer steps")
+
+
+def run_adam(backend, bucket_or_none, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+             steps, table, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+             decoupled):
+    """Call one backend on already-validated tensors of one (device, dtype)."""
+    dtype = params[0].dtype
+    code = _checks.DTYPE_CODES[dtype]
+    args = (lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, code, code)
+    if backend == "native":
+        if params[0].is_cuda:
+            stream = torch.cuda.current_stream(params[0].device).cuda_stream
+            _backends.cuda_module().adam_step(table.ctypes.data, len(params), *args, stream)
+        else:
+            _backends.cpu_module().adam_step(table.ctypes.data, len(params), *args,
+                                             torch.get_num_threads())
+    elif backend == "numba":
+        from .._numba import optim as nb
+        nb.adam_step(table, len(params), *args, torch.get_num_threads())
+    else:
+        from .._reference.optim import adam_step
+        adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr,
+                  beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                  amsgrad=amsgrad, maximize=maximize, decoupled=decoupled)
+
+
+class Adam(FusedOptimizer):
+    """Fused Adam with torch.optim.Adam's arguments, defaults and state_dict.
+
+    One native call per (param group, device, dtype) per step. Extra
+    keyword-only argument ``backend`` ('auto', 'native', 'numba', 'torch';
+    default from ``PYOPT_BACKEND``, else 'auto').
+
+    torch flags: ``foreach`` and ``fused`` are accepted and ignored (the step
+    is always fused); ``capturable=True`` and ``differentiable=True`` raise.
+    """
+
+    STATE_KEYS = _STATE_KEYS
+    _NAME = "Adam"
+    _DECOUPLED = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False,
+                 backend=None):
+        _checks.adam_hyper(lr, betas, eps, weight_decay)
+        _flag_check(foreach, capturable, differentiable, fused)
+        if isinstance(betas[0], torch.Tensor) or isinstance(betas[1], torch.Tensor):
+            betas = (_checks.scalar(betas[0], "betas[0]"), _checks.scalar(betas[1], "betas[1]"))
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                        capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=bool(decoupled_weight_decay or self._DECOUPLED))
+        super().__init__(params, defaults, backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in (("amsgrad", False), ("maximize", False), ("foreach", None),
+                         ("capturable", False), ("differentiable", False), ("fused", None),
+                         ("decoupled_weight_decay", self._DECOUPLED)):
+                group.setdefault(k, v)
+            if self._DECOUPLED:
+                group["decoupled_weight_decay"] = True
+
+    def _plan_flags(self, group):
+        return bool(group["amsgrad"])
+
+    def _check_group(self, group):
+        _checks.adam_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        _flag_check(None, group.get("capturable"), group.get("differentiable"), None)
+
+    def _init_state(self, p, st, group):
+        st["step"] = torch.tensor(0.0, dtype=torch.float32)
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _normalize_state(self, p, st, group, where):
+        if group["amsgrad"] and "max_exp_avg_sq" not in st:
+            # amsgrad switched on after state existed: start its max at zero.
+            st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        super()._normalize_state(p, st, group, where)
+
+    def _run(self, b, ps, gs, group):
+        amsgrad = bool(group["amsgrad"])
+        beta1, beta2 = group["betas"]
+        lists = ([], [], [])
+        if b.backend == "torch":
+            lists = ([s["exp_avg"] for s in b.states], [s["exp_avg_sq"] for s in b.states],
+                     [s["max_exp_avg_sq"] for s in b.states] if amsgrad else [])
+        run_adam(b.backend, b, ps, gs, *lists, b.steps, b.table,
+                 lr=_checks.scalar(group["lr"], "lr"), beta1=float(beta1), beta2=float(beta2),
+                 eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                 amsgrad=amsgrad, maximize=bool(group["maximize"]),
+                 decoupled=bool(group["decoupled_weight_decay"]))
+
+
+    def _run_op(self, group, ps, gs):
+        from .. import _ops  # noqa: F401  (registers torch.ops.pyopt)
+        amsgrad = bool(group["amsgrad"])
+        sts = [self.state[p] for p in ps]
+        if amsgrad:
+            for p, st in zip(ps, sts):
+                if "max_exp_avg_sq" not in st:
+                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        torch.ops.pyopt.adam_step_(
+            ps, gs, [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts],
+            [s["max_exp_avg_sq"] for s in sts] if amsgrad else [], [s["step"] for s in sts],
+            float(lr), float(beta1), float(beta2), float(group["eps"]),
+            float(group["weight_decay"]), amsgrad, bool(group["maximize"]),
+            bool(group["decoupled_weight_decay"]))
+
+
+class AdamW(Adam):
+    """Fused AdamW with torch.optim.AdamW's arguments, defaults
+    (weight_decay=1e-2) and state_dict. See :class:`Adam` for the flags."""
+
+    _NAME = "AdamW"
+    _DECOUPLED = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, backend=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, backend=backend)
