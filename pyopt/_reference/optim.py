@@ -80,7 +80,10 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
             vmax = torch.where((vmax < v) | (v != v), v, vmax)  # torch.maximum: NaN wins
             max_exp_avg_sqs[i].copy_(vmax)
             vv = vmax
-        denom = vv.sqrt() / bc2_sqrt + eps_
+        # torch's vectorised float32 sqrt on CPU can be 1 ulp off; the float64
+        # sqrt rounded once to float32 is the correctly rounded sqrtf that the
+        # kernels use (sqrt is safe from double rounding at 53 -> 24 bits).
+        denom = vv.double().sqrt().float() / bc2_sqrt + eps_
         p = p + neg_step_size * (m / denom)
 
         param.copy_(p)

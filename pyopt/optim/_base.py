@@ -102,8 +102,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                             self._init_state(p, self.state[p], group)
                     self._run_op(group, ps, [p.grad for p in ps])
             return loss
-        # Validate every group before any kernel runs, so a bad argument
-        # leaves all params and state unchanged.
+        # Validate every group before any state is created or any kernel runs,
+        # so a bad argument leaves all params and state unchanged.
         work = []
         for gi, group in enumerate(self.param_groups):
             self._check_group(group)
@@ -114,8 +114,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                     ps.append(p)
                     gs.append(g)
             if ps:
-                work.append((group, self._plan(gi, group, ps, gs), ps, gs))
-        for group, plan, ps, gs in work:
+                key = (tuple(map(id, ps)), self._plan_flags(group))
+                plan = self._plans.get(gi)
+                if plan is None or plan.key != key or not self._fast_check(plan, ps, gs):
+                    self._validate(gi, group, ps, gs)
+                    plan = None
+                work.append((gi, group, key, plan, ps, gs))
+        for gi, group, key, plan, ps, gs in work:
+            if plan is None:
+                plan = self._plans[gi] = self._build_plan(group, ps, key)
             for b in plan.buckets:
                 if len(plan.buckets) == 1:
                     bps, bgs = ps, gs
@@ -127,15 +134,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     # -- plans ---------------------------------------------------------------
-    def _plan(self, gi, group, ps, gs) -> _Plan:
-        key = (tuple(map(id, ps)), self._plan_flags(group))
-        plan = self._plans.get(gi)
-        if plan is not None and plan.key == key and self._fast_check(plan, ps, gs):
-            return plan
-        plan = self._build_plan(gi, group, ps, gs, key)
-        self._plans[gi] = plan
-        return plan
-
     def _fast_check(self, plan, ps, gs) -> bool:
         """Cheap per-step checks; False sends the group through full checks."""
         strided = torch.strided
@@ -153,10 +151,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                     return False
         return True
 
-    def _build_plan(self, gi, group, ps, gs, key) -> _Plan:
+    def _validate(self, gi, group, ps, gs) -> None:
+        """Full checks of one group's tensors and existing state; mutates nothing."""
         name = self._NAME
         device = None
-        buckets: dict = {}
         for i, (p, g) in enumerate(zip(ps, gs)):
             where = f"param_groups[{gi}] param {i} (shape {tuple(p.shape)})"
             _checks.param(p, where)
@@ -166,10 +164,22 @@ class FusedOptimizer(torch.optim.Optimizer):
             elif p.device != device:
                 raise ValueError(f"{name}: all params of one group must be on one device; "
                                  f"param_groups[{gi}] has params on {device} and {p.device}")
+            st = self.state.get(p)
+            for k in self.STATE_KEYS if st else ():
+                t = st.get(k)
+                if isinstance(t, torch.Tensor) and t.shape != p.shape:
+                    raise ValueError(f"{where}: state {k!r} has shape {tuple(t.shape)}, "
+                                     f"expected {tuple(p.shape)}")
+        _backends.resolve(self._backend, device.type)  # raises if forced and unavailable
+
+    def _build_plan(self, group, ps, key) -> _Plan:
+        """Creates or normalises state, then the address tables. Call after _validate."""
+        buckets: dict = {}
+        for i, p in enumerate(ps):
             st = self.state[p]
             if len(st) == 0:
                 self._init_state(p, st, group)
-            self._normalize_state(p, st, group, where)
+            self._normalize_state(p, st, group)
             b = buckets.get(p.dtype)
             if b is None:
                 b = buckets[p.dtype] = _Bucket(p.device, p.dtype)
@@ -185,7 +195,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             b.finish(self.STATE_KEYS, self._backend)
         return plan
 
-    def _normalize_state(self, p, st, group, where):
+    def _normalize_state(self, p, st, group):
         """State tensors must match the param's dtype, device and layout, and
         the step must be a CPU float32 scalar (where torch keeps it by default),
         since the kernels read all of them through one address table."""
@@ -198,9 +208,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             t = st.get(key)
             if t is None:
                 continue
-            if t.shape != p.shape:
-                raise ValueError(f"{where}: state {key!r} has shape {tuple(t.shape)}, "
-                                 f"expected {tuple(p.shape)}")
             if (t.dtype != p.dtype or t.device != p.device
                     or (p.is_contiguous() and not t.is_contiguous())
                     or (not p.is_contiguous() and t.stride() != p.stride())):

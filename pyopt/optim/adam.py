@@ -98,11 +98,11 @@ class Adam(FusedOptimizer):
         if group["amsgrad"]:
             st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _normalize_state(self, p, st, group, where):
+    def _normalize_state(self, p, st, group):
         if group["amsgrad"] and "max_exp_avg_sq" not in st:
             # amsgrad switched on after state existed: start its max at zero.
             st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        super()._normalize_state(p, st, group, where)
+        super()._normalize_state(p, st, group)
 
     def _run(self, b, ps, gs, group):
         amsgrad = bool(group["amsgrad"])

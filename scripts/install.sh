@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: torch (CPU build, pinned), build tools, numba, then
+# build and install pyopt itself. Safe to re-run; object files are reused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# Pinned: a bare "torch" would resolve to a multi-GB CUDA build.
+$PY -m pip install -q "torch==2.13.0"
+$PY -m pip install -q numpy "numba>=0.59" "pybind11>=2.12" "scikit-build-core>=0.10" \
+    ninja "pytest>=7" pytest-timeout
+# No build isolation: it would reinstall the build tools on every run.
+$PY -m pip install -q --no-build-isolation --no-deps .
