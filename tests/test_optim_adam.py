@@ -304,6 +304,40 @@ def test_param_moved_or_replaced_is_picked_up():
     torch.testing.assert_close(p, q)
 
 
+def test_state_tensor_swapped_by_user_is_picked_up():
+    """e.g. an "optimizer_to(device)" helper that reassigns state[k] = v.to(...)."""
+    p = torch.randn(10, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    o1, o2 = pyopt.optim.Adam([p], lr=0.1), torch.optim.Adam([q], lr=0.1)
+    for step in range(4):
+        if step == 2:
+            for o in (o1, o2):
+                for st in o.state.values():
+                    for k, v in st.items():
+                        st[k] = v.clone()
+        p.grad = torch.ones(10)
+        q.grad = torch.ones(10)
+        o1.step()
+        o2.step()
+    torch.testing.assert_close(p, q)
+    torch.testing.assert_close(o1.state[p]["exp_avg"], o2.state[q]["exp_avg"])
+    assert o1.state[p]["step"].item() == 4
+
+
+def test_channels_last_plan_is_reused():
+    conv = torch.nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+    opt = pyopt.optim.AdamW(conv.parameters())
+    for _ in range(2):
+        opt.zero_grad()
+        conv(torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)).sum().backward()
+        opt.step()
+        plan = opt._plans[0]
+    opt.zero_grad()
+    conv(torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)).sum().backward()
+    opt.step()
+    assert opt._plans[0] is plan
+
+
 def test_channels_last_param():
     conv1 = torch.nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
     conv2 = copy.deepcopy(conv1)

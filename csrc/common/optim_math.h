@@ -44,6 +44,17 @@ struct AdamTensorScalars {
   float bc2_sqrt;          // sqrt(1 - beta2^t)
 };
 
+// Host side: the scalars of a tensor at step count t, in double as torch's
+// Python code computes them, rounded to float once. static, not inline-only:
+// each per-ISA translation unit keeps its own copy (see PYOPT_HD).
+static inline AdamTensorScalars adam_tensor_scalars(double lr, double beta1, double beta2,
+                                                    double t) {
+  AdamTensorScalars s;
+  s.neg_step_size = static_cast<float>(-(lr / (1.0 - std::pow(beta1, t))));
+  s.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)));
+  return s;
+}
+
 // torch.lerp's two-sided formula (keeps precision for weights near 1).
 PYOPT_HD float lerp_torch(float a, float b, float w) {
   return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);

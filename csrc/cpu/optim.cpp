@@ -75,15 +75,20 @@ void adam_step_cpu(int64_t table_addr, int64_t n, double lr, double beta1, doubl
 
   // Host-side per-tensor scalars, in double like torch's Python code, from
   // each tensor's own step counter (a CPU float32 scalar, as torch keeps it).
+  // Tensors of a group almost always share one step count: two pow() per
+  // tensor would cost more than the update of a small tensor, so reuse them.
   offsets[0] = 0;
+  float last_t = -1.0f;
+  AdamTensorScalars last{};
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* row = table + i * kAdamCols;
     float* step = reinterpret_cast<float*>(row[kAdamStep]);
     *step += 1.0f;
-    const double t = *step;
-    const double bc1 = 1.0 - std::pow(beta1, t);
-    scalars[i].neg_step_size = static_cast<float>(-(lr / bc1));
-    scalars[i].bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)));
+    if (*step != last_t) {
+      last_t = *step;
+      last = adam_tensor_scalars(lr, beta1, beta2, last_t);
+    }
+    scalars[i] = last;
     offsets[i + 1] = offsets[i] + row[kAdamNumel];
   }
 

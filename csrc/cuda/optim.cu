@@ -133,18 +133,20 @@ void run_adam(const int64_t* table, int64_t n, double lr, double beta1, double b
   constexpr int kDepth = Op::Lists::size;
   MultiTensorLauncher<Op> launcher(Op{hyper}, stream);
 
+  float last_t = -1.0f;
+  AdamTensorScalars scalars{};
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* row = table + i * kAdamCols;
 
     // torch: step_t += 1 on the float32 CPU tensor, then the bias
-    // corrections in Python floats (double) from its value.
+    // corrections in Python floats (double) from its value. Tensors of a
+    // group usually share the count, so the pow() calls are reused.
     float* step = from_addr<float>(row[kAdamStep]);
     *step += 1.0f;
-    const double t = static_cast<double>(*step);
-    const double bc1 = 1.0 - std::pow(beta1, t);
-    AdamTensorScalars scalars;
-    scalars.neg_step_size = static_cast<float>(-(lr / bc1));
-    scalars.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)));
+    if (*step != last_t) {
+      last_t = *step;
+      scalars = adam_tensor_scalars(lr, beta1, beta2, last_t);
+    }
 
     void* ptrs[kDepth];
     ptrs[0] = from_addr<void>(row[kAdamParam]);

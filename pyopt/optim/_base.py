@@ -9,6 +9,9 @@ full checks in pyopt._checks, which raise a precise error or rebuild the plan.
 """
 from __future__ import annotations
 
+import itertools
+import operator
+
 import numpy as np
 import torch
 
@@ -16,33 +19,78 @@ from .. import _backends, _checks
 
 
 class _Bucket:
-    """Tensors of one (device, dtype) within a param group."""
+    """Tensors of one (device, dtype) within a param group, and their table."""
 
-    __slots__ = ("pos", "params", "states", "steps", "numels", "dense_only", "table",
-                 "addr", "device", "dev_index", "dtype", "backend")
+    __slots__ = ("pos", "params", "states", "steps", "nbytes", "strides", "table",
+                 "device", "dev_index", "dtype", "backend", "pptrs", "state_ids", "getters")
 
     def __init__(self, device, dtype):
         self.device, self.dtype = device, dtype
         self.dev_index = device.index if device.type == "cuda" else -1
-        self.pos, self.params, self.states, self.steps, self.numels = [], [], [], [], []
-        self.dense_only = []   # positions (within bucket) of dense but non-contiguous params
+        self.pos, self.params, self.states, self.steps, self.nbytes = [], [], [], [], []
+        self.strides = None   # per-param strides when some param is dense but not contiguous
 
-    def finish(self, state_keys, backend_request):
+    def finish(self, state_keys, grads, backend_request):
         n, k = len(self.params), len(state_keys)
         # columns: param, grad, state tensors..., step, numel
         self.table = np.zeros((n, k + 4), dtype=np.int64)
-        for i, (st, step) in enumerate(zip(self.states, self.steps)):
+        for i, (p, g, st, step) in enumerate(zip(self.params, grads, self.states, self.steps)):
+            self.table[i, 0] = p.data_ptr()
+            self.table[i, 1] = g.data_ptr()
             for j, key in enumerate(state_keys):
                 t = st.get(key)
                 self.table[i, 2 + j] = 0 if t is None else t.data_ptr()
             self.table[i, k + 2] = step.data_ptr()
-            self.table[i, k + 3] = self.numels[i]
-        self.addr = self.table.ctypes.data
+            self.table[i, k + 3] = p.numel()
+        self.pptrs = self.table[:, 0].tolist()
+        if not all(p.is_contiguous() for p in self.params):
+            self.strides = [p.stride() for p in self.params]
+        # The table holds raw state addresses: remember which tensors they
+        # belong to, so a state tensor the user swapped in is noticed.
+        keys = [key for key in (*state_keys, "step") if all(key in st for st in self.states)]
+        self.getters = [operator.itemgetter(key) for key in keys]
+        self.state_ids = self._state_ids()
         self.backend = _backends.resolve(backend_request, self.device.type)
+
+    def _state_ids(self):
+        return [list(map(id, map(get, self.states))) for get in self.getters]
+
+    def refresh(self, ps, gs) -> bool:
+        """Per-step re-check of what can change between steps: the grads, the
+        params' data and the state tensors. On success the table holds this
+        step's grad addresses; False sends the group through the full checks."""
+        dt, dev = self.dtype, self.dev_index
+        try:
+            if self.strides is None:
+                gptrs = [g.data_ptr() if (g.dtype is dt and g.is_contiguous() and g.nbytes == nb
+                                          and g.get_device() == dev and p.data_ptr() == pp)
+                         else -1 for p, g, nb, pp in zip(ps, gs, self.nbytes, self.pptrs)]
+            else:
+                gptrs = [g.data_ptr() if (g.dtype is dt and g.stride() == st and g.nbytes == nb
+                                          and g.get_device() == dev and p.data_ptr() == pp)
+                         else -1
+                         for p, g, nb, pp, st in zip(ps, gs, self.nbytes, self.pptrs, self.strides)]
+        except (RuntimeError, NotImplementedError):  # layouts without strides (sparse, ...)
+            return False
+        if -1 in gptrs:
+            return False
+        if self._state_ids() != self.state_ids:
+            return False
+        self.table[:, 1] = gptrs
+        return True
 
 
 class _Plan:
-    __slots__ = ("key", "buckets")
+    __slots__ = ("params", "flags", "buckets")
+
+    def still_valid(self, ps, gs, flags) -> bool:
+        if flags != self.flags or len(ps) != len(self.params) \
+                or not all(map(operator.is_, ps, self.params)):
+            return False
+        if len(self.buckets) == 1:
+            return self.buckets[0].refresh(ps, gs)
+        return all(b.refresh([ps[i] for i in b.pos], [gs[i] for i in b.pos])
+                   for b in self.buckets)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -107,50 +155,33 @@ class FusedOptimizer(torch.optim.Optimizer):
         work = []
         for gi, group in enumerate(self.param_groups):
             self._check_group(group)
-            ps, gs = [], []
-            for p in group["params"]:
-                g = p.grad
-                if g is not None:
-                    ps.append(p)
-                    gs.append(g)
-            if ps:
-                key = (tuple(map(id, ps)), self._plan_flags(group))
-                plan = self._plans.get(gi)
-                if plan is None or plan.key != key or not self._fast_check(plan, ps, gs):
-                    self._validate(gi, group, ps, gs)
-                    plan = None
-                work.append((gi, group, key, plan, ps, gs))
-        for gi, group, key, plan, ps, gs in work:
+            params = group["params"]
+            grads = [p.grad for p in params]
+            if not any(map(operator.is_, grads, itertools.repeat(None))):
+                ps, gs = params, grads
+            else:
+                ps = [p for p, g in zip(params, grads) if g is not None]
+                gs = [g for g in grads if g is not None]
+            if not ps:
+                continue
+            flags = self._plan_flags(group)
+            plan = self._plans.get(gi)
+            if plan is None or not plan.still_valid(ps, gs, flags):
+                self._validate(gi, group, ps, gs)
+                plan = None
+            work.append((gi, group, flags, plan, ps, gs))
+        for gi, group, flags, plan, ps, gs in work:
             if plan is None:
-                plan = self._plans[gi] = self._build_plan(group, ps, key)
+                plan = self._plans[gi] = self._build_plan(group, ps, gs, flags)
             for b in plan.buckets:
                 if len(plan.buckets) == 1:
                     bps, bgs = ps, gs
                 else:
                     bps, bgs = [ps[i] for i in b.pos], [gs[i] for i in b.pos]
-                b.table[:, 0] = [p.data_ptr() for p in bps]
-                b.table[:, 1] = [g.data_ptr() for g in bgs]
                 self._run(b, bps, bgs, group)
         return loss
 
     # -- plans ---------------------------------------------------------------
-    def _fast_check(self, plan, ps, gs) -> bool:
-        """Cheap per-step checks; False sends the group through full checks."""
-        strided = torch.strided
-        for b in plan.buckets:
-            dt, dev = b.dtype, b.dev_index
-            if len(plan.buckets) == 1:
-                bps, bgs = ps, gs
-            else:
-                bps, bgs = [ps[i] for i in b.pos], [gs[i] for i in b.pos]
-            for p, g, n in zip(bps, bgs, b.numels):
-                if (g.layout is not strided or g.dtype is not dt or p.dtype is not dt
-                        or g.numel() != n or p.numel() != n or g.get_device() != dev
-                        or p.get_device() != dev or not g.is_contiguous()
-                        or not p.is_contiguous()):
-                    return False
-        return True
-
     def _validate(self, gi, group, ps, gs) -> None:
         """Full checks of one group's tensors and existing state; mutates nothing."""
         name = self._NAME
@@ -172,7 +203,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                      f"expected {tuple(p.shape)}")
         _backends.resolve(self._backend, device.type)  # raises if forced and unavailable
 
-    def _build_plan(self, group, ps, key) -> _Plan:
+    def _build_plan(self, group, ps, gs, flags) -> _Plan:
         """Creates or normalises state, then the address tables. Call after _validate."""
         buckets: dict = {}
         for i, p in enumerate(ps):
@@ -187,12 +218,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             b.params.append(p)
             b.states.append(st)
             b.steps.append(st["step"])
-            b.numels.append(p.numel())
+            b.nbytes.append(p.nbytes)
         plan = _Plan()
-        plan.key = key
+        plan.params, plan.flags = list(ps), flags
         plan.buckets = list(buckets.values())
         for b in plan.buckets:
-            b.finish(self.STATE_KEYS, self._backend)
+            b.finish(self.STATE_KEYS, [gs[i] for i in b.pos], self._backend)
         return plan
 
     def _normalize_state(self, p, st, group):
