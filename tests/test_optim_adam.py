@@ -324,6 +324,37 @@ def test_state_tensor_swapped_by_user_is_picked_up():
     assert o1.state[p]["step"].item() == 4
 
 
+def test_state_replaced_with_plain_dict_and_optimizer_copies():
+    p = torch.randn(10, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    o1, o2 = pyopt.optim.Adam([p], lr=0.1), torch.optim.Adam([q], lr=0.1)
+    for step in range(3):
+        p.grad, q.grad = torch.ones(10), torch.ones(10)
+        o1.step()
+        o2.step()
+    # a plain dict assigned as a param's state is used as given
+    o1.state[p] = {k: v.clone() for k, v in o1.state[p].items()}
+    o2.state[q] = {k: v.clone() for k, v in o2.state[q].items()}
+    held = o1.state[p]
+    p.grad, q.grad = torch.ones(10), torch.ones(10)
+    o1.step()
+    o2.step()
+    assert held["step"].item() == 4
+    torch.testing.assert_close(p, q)
+    # deepcopy and pickle give independent optimizers that keep stepping alike
+    c = copy.deepcopy({"p": p, "o": o1})
+    buf = io.BytesIO()
+    torch.save({"p": p, "o": o1}, buf)
+    buf.seek(0)
+    d = torch.load(buf, weights_only=False)
+    for pp, oo in ((p, o1), (c["p"], c["o"]), (d["p"], d["o"])):
+        pp.grad = torch.ones(10)
+        oo.step()
+    torch.testing.assert_close(c["p"], p)
+    torch.testing.assert_close(d["p"], p)
+    assert o1.state[p]["step"].item() == c["o"].state[c["p"]]["step"].item() == 5
+
+
 def test_channels_last_plan_is_reused():
     conv = torch.nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
     opt = pyopt.optim.AdamW(conv.parameters())

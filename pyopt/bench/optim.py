@@ -16,7 +16,7 @@ import torch
 import pyopt
 from pyopt import _backends
 
-from .timing import measure, measure_cuda
+from .timing import interleaved
 
 
 @dataclass
@@ -58,39 +58,40 @@ BASELINE = "torch fused=True"
 
 
 def run(device="cpu", quick=False, min_time=None, progress=None, only=None) -> list[dict]:
-    """Measure every (case, implementation); returns one record each."""
+    """Measure every (case, implementation), interleaved with the same-run
+    in-place RMW reference; returns one record each."""
     min_time = min_time if min_time is not None else (0.3 if quick else 1.0)
-    timer = measure_cuda if device == "cuda" else measure
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    table = impls(device)
+    names = [BASELINE] + [k for k in table if k != BASELINE and (not only or k in only)]
     records = []
+    n_rmw = 64 << 20   # 256 MiB fp32 arrays, 12 B/elem
+    x = torch.rand(n_rmw, device=device)
+    y = torch.rand(n_rmw, device=device)
     for case in cases(device, quick):
+        if progress:
+            progress(f"optim {case.name}")
         gen = torch.Generator().manual_seed(0)
         p0 = [torch.randn(n, generator=gen).to(device, case.dtype) for n in case.sizes]
         grads = [torch.randn(n, generator=gen).to(device, case.dtype) for n in case.sizes]
-        expect = None
-        rows = {}
-        names = [BASELINE] + [k for k in impls(device) if k != BASELINE]
-        table = impls(device)
+        expect, steps, recs = None, {"rmw": lambda: y.add_(x, alpha=1e-9)}, {}
         for name in names:
-            if only and name not in only and name != BASELINE:
-                continue
             factory, why = table[name]
             rec = {"suite": "optim", "device": device, "case": case.name, "impl": name,
                    "numel": case.numel, "tensors": len(case.sizes),
                    "dtype": str(case.dtype).replace("torch.", ""),
                    "bytes_per_step": 7 * case.numel * case.dtype.itemsize}
-            if progress:
-                progress(f"optim {case.name}: {name}")
+            records.append(rec)
             if factory is None:
                 rec.update(status="unavailable", reason=why)
-                records.append(rec)
                 continue
             ps = [p.clone().requires_grad_() for p in p0]
             for p, g in zip(ps, grads):
                 p.grad = g
             opt = factory(ps)
             opt.step()          # first step: creates state, compiles, and is checked
-            sync()
+            if sync:
+                sync()
             got = [p.detach() for p in ps]
             if expect is None:
                 expect = [t.clone() for t in got]
@@ -101,19 +102,18 @@ def run(device="cpu", quick=False, min_time=None, progress=None, only=None) -> l
                         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
                 except AssertionError as e:
                     rec.update(status="failed", reason=f"wrong result: {str(e).splitlines()[0]}")
-                    records.append(rec)
-                    del opt, ps, got
                     continue
-            t = timer(opt.step, min_time=min_time)
+            steps[name] = opt.step
+            recs[name] = rec
+        timings = interleaved(steps, min_time=min_time, sync=sync, cuda=device == "cuda")
+        rmw = 12 * n_rmw / timings["rmw"].median / 1e9
+        base = timings.get(BASELINE)
+        for name, rec in recs.items():
+            t = timings[name]
+            gbps = rec["bytes_per_step"] / t.median / 1e9
             rec.update(status="ok", median_ms=t.median * 1e3, iqr_ms=t.iqr * 1e3, reps=t.reps,
-                       gbps=rec["bytes_per_step"] / t.median / 1e9)
-            rows[name] = rec
-            records.append(rec)
-            del opt, ps, got
-            gc.collect()
-        base = rows.get(BASELINE)
-        for rec in rows.values():
-            rec["speedup_vs_fused"] = base["median_ms"] / rec["median_ms"] if base else None
-        del p0, grads, expect
+                       gbps=gbps, rmw_gbps=rmw, of_rmw=gbps / rmw,
+                       speedup_vs_fused=base.median / t.median if base else None)
+        del p0, grads, expect, steps, recs
         gc.collect()
     return records

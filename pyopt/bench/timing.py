@@ -48,6 +48,52 @@ def measure(fn, *, min_time=0.5, min_reps=5, max_reps=10_000, warmup=1, sync=Non
     return Timing(statistics.median(times), q[0], q[2], len(times))
 
 
+def interleaved(fns: dict, *, min_time=0.5, min_reps=5, max_reps=10_000, warmup=1,
+                sync=None, cuda=False) -> dict:
+    """Time several calls round-robin: {name: Timing}.
+
+    On a shared machine the available bandwidth drifts by 2x within seconds;
+    timing the implementations (and the bandwidth reference) in alternation
+    makes each ratio compare like with like. A call stops being repeated once
+    it has ``min_time`` seconds and ``min_reps`` repetitions.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    if sync:
+        sync()
+    times = {k: [] for k in fns}
+    totals = dict.fromkeys(fns, 0.0)
+    active = list(fns)
+    while active:
+        for k in list(active):
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fns[k]()
+                b.record()
+                b.synchronize()
+                dt = a.elapsed_time(b) / 1e3
+            else:
+                t0 = time.perf_counter()
+                fns[k]()
+                if sync:
+                    sync()
+                dt = time.perf_counter() - t0
+            times[k].append(dt)
+            totals[k] += dt
+            n = len(times[k])
+            if (totals[k] >= min_time and n >= min_reps) or n >= max_reps:
+                active.remove(k)
+    return {k: _summarize(v) for k, v in times.items()}
+
+
+def _summarize(times) -> Timing:
+    times = sorted(times)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return Timing(statistics.median(times), q[0], q[2], len(times))
+
+
 def measure_cuda(fn, *, min_time=0.5, min_reps=5, warmup=3) -> Timing:
     """Time a CUDA call with events on the current stream."""
     for _ in range(warmup):

@@ -16,13 +16,15 @@ import numpy as np
 import torch
 
 from .. import _backends, _checks
+from ._state import OptimizerState, ParamState
 
 
 class _Bucket:
     """Tensors of one (device, dtype) within a param group, and their table."""
 
     __slots__ = ("pos", "params", "states", "steps", "nbytes", "strides", "table",
-                 "device", "dev_index", "dtype", "backend", "pptrs", "state_ids", "getters")
+                 "device", "dev_index", "dtype", "backend", "pptrs", "state_ids", "getters",
+                 "keep")
 
     def __init__(self, device, dtype):
         self.device, self.dtype = device, dtype
@@ -45,10 +47,15 @@ class _Bucket:
         self.pptrs = self.table[:, 0].tolist()
         if not all(p.is_contiguous() for p in self.params):
             self.strides = [p.stride() for p in self.params]
-        # The table holds raw state addresses: remember which tensors they
-        # belong to, so a state tensor the user swapped in is noticed.
-        keys = [key for key in (*state_keys, "step") if all(key in st for st in self.states)]
-        self.getters = [operator.itemgetter(key) for key in keys]
+        # The table holds raw state addresses. Keep their storages alive even
+        # if a tensor's .data is swapped; a swapped-in tensor is noticed by the
+        # state version (pyopt.optim._state) or, for plain dicts, by identity.
+        self.keep = [t.untyped_storage() for st in self.states
+                     for t in st.values() if isinstance(t, torch.Tensor)]
+        self.getters = []
+        if not all(type(st) is ParamState for st in self.states):
+            keys = [key for key in (*state_keys, "step") if all(key in st for st in self.states)]
+            self.getters = [operator.itemgetter(key) for key in keys]
         self.state_ids = self._state_ids()
         self.backend = _backends.resolve(backend_request, self.device.type)
 
@@ -74,16 +81,18 @@ class _Bucket:
             return False
         if -1 in gptrs:
             return False
-        if self._state_ids() != self.state_ids:
+        if self.getters and self._state_ids() != self.state_ids:
             return False
         self.table[:, 1] = gptrs
         return True
 
 
 class _Plan:
-    __slots__ = ("params", "flags", "buckets")
+    __slots__ = ("params", "flags", "buckets", "state", "state_version")
 
-    def still_valid(self, ps, gs, flags) -> bool:
+    def still_valid(self, ps, gs, flags, state) -> bool:
+        if state is not self.state or getattr(state, "version", None) != self.state_version:
+            return False
         if flags != self.flags or len(ps) != len(self.params) \
                 or not all(map(operator.is_, ps, self.params)):
             return False
@@ -104,12 +113,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._backend = _backends.requested(backend)
         self._plans: dict[int, _Plan] = {}
         super().__init__(params, defaults)
+        self.state = OptimizerState(self.state)
 
     # -- torch.optim.Optimizer hooks that invalidate cached plans ----------
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_backend", _backends.requested(None))
         self._plans = {}
+        self.state = OptimizerState(self.state)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -120,6 +131,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         d = dict(super().__getstate__())
         d.pop("_plans", None)
         return d
+
+    def state_dict(self):
+        """torch.optim's state_dict, with plain dicts (loadable with weights_only=True)."""
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) if isinstance(v, ParamState) else v
+                       for k, v in sd["state"].items()}
+        return sd
 
     @property
     def backend(self) -> str:
@@ -166,13 +184,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             flags = self._plan_flags(group)
             plan = self._plans.get(gi)
-            if plan is None or not plan.still_valid(ps, gs, flags):
+            if plan is None or not plan.still_valid(ps, gs, flags, self.state):
                 self._validate(gi, group, ps, gs)
                 plan = None
-            work.append((gi, group, flags, plan, ps, gs))
+            work.append([gi, group, flags, plan, ps, gs])
+        if any(w[3] is None for w in work):
+            if type(self.state) is not OptimizerState:   # replaced wholesale by the caller
+                self.state = OptimizerState(self.state)
+            for w in work:
+                if w[3] is None:
+                    w[3] = self._plans[w[0]] = self._build_plan(w[1], w[4], w[5], w[2])
+            for plan in self._plans.values():  # builds write state: re-arm every plan
+                plan.state_version = self.state.version
         for gi, group, flags, plan, ps, gs in work:
-            if plan is None:
-                plan = self._plans[gi] = self._build_plan(group, ps, gs, flags)
             for b in plan.buckets:
                 if len(plan.buckets) == 1:
                     bps, bgs = ps, gs
@@ -224,6 +248,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         plan.buckets = list(buckets.values())
         for b in plan.buckets:
             b.finish(self.STATE_KEYS, [gs[i] for i in b.pos], self._backend)
+        plan.state = self.state
         return plan
 
     def _normalize_state(self, p, st, group):
