@@ -8,7 +8,7 @@ The caller passes the address table of csrc/common/optim_table.h (one int64
 row per tensor: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step,
 numel), built from ``data_ptr()`` after ``pyopt._checks`` has validated every
 tensor. Addresses become typed arrays inside compiled code; bf16 and fp16 are
-read and written as uint16 with the bit-exact conversions below.
+read and written as uint16 (bf16) or int16 (fp16) with the bit-exact conversions below.
 
 Work split: the per-tensor bookkeeping (step += 1, bias corrections) runs once
 per tensor, serially; then the concatenated element range of all tensors is
@@ -165,12 +165,17 @@ def _store(a, j, x, code):
     pass
 
 
+# bf16 storage is viewed as uint16 and fp16 as int16, so each conversion is
+# chosen when the loop is compiled: a run-time dtype branch inside the loop
+# keeps LLVM from vectorising it.
 @overload(_load)
 def _load_ol(a, j, code):
     if a.dtype == types.float32:
         return lambda a, j, code: a[j]
     if a.dtype == types.uint16:
-        return lambda a, j, code: _bf16_to_f32(a[j]) if code == BFLOAT16 else _f16_to_f32(a[j])
+        return lambda a, j, code: _bf16_to_f32(a[j])
+    if a.dtype == types.int16:
+        return lambda a, j, code: _f16_to_f32(np.uint16(a[j]))
     return None
 
 
@@ -182,7 +187,11 @@ def _store_ol(a, j, x, code):
         return impl
     if a.dtype == types.uint16:
         def impl(a, j, x, code):
-            a[j] = _f32_to_bf16(x) if code == BFLOAT16 else _f32_to_f16(x)
+            a[j] = _f32_to_bf16(x)
+        return impl
+    if a.dtype == types.int16:
+        def impl(a, j, x, code):
+            a[j] = np.int16(_f32_to_f16(x))
         return impl
     return None
 
@@ -250,16 +259,21 @@ def _adam_views(table, i, lo, hi, ptype, stype, pcode, scode, amsgrad, maximize,
 @_njit()
 def _adam_tensor(table, i, lo, hi, pcode, scode, amsgrad, maximize, wd_mode,
                  hyper, neg_step_size, bc2_sqrt):
-    """Elements [lo, hi) of tensor i. One compiled loop per storage type combination:
-    fp32/fp32, 16-bit/fp32 and 16-bit/16-bit (bf16 vs fp16 is a runtime flag)."""
+    """Elements [lo, hi) of tensor i: one compiled loop per (param, state) storage pair."""
     if pcode == FLOAT32:
         _adam_views(table, i, lo, hi, np.float32, np.float32, pcode, scode, amsgrad, maximize,
                     wd_mode, hyper, neg_step_size, bc2_sqrt)
-    elif scode == FLOAT32:
+    elif pcode == BFLOAT16 and scode == FLOAT32:
         _adam_views(table, i, lo, hi, np.uint16, np.float32, pcode, scode, amsgrad, maximize,
                     wd_mode, hyper, neg_step_size, bc2_sqrt)
-    else:
+    elif pcode == BFLOAT16:
         _adam_views(table, i, lo, hi, np.uint16, np.uint16, pcode, scode, amsgrad, maximize,
+                    wd_mode, hyper, neg_step_size, bc2_sqrt)
+    elif scode == FLOAT32:
+        _adam_views(table, i, lo, hi, np.int16, np.float32, pcode, scode, amsgrad, maximize,
+                    wd_mode, hyper, neg_step_size, bc2_sqrt)
+    else:
+        _adam_views(table, i, lo, hi, np.int16, np.int16, pcode, scode, amsgrad, maximize,
                     wd_mode, hyper, neg_step_size, bc2_sqrt)
 
 
