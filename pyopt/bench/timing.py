@@ -49,13 +49,17 @@ def measure(fn, *, min_time=0.5, min_reps=5, max_reps=10_000, warmup=1, sync=Non
 
 
 def interleaved(fns: dict, *, min_time=0.5, min_reps=5, max_reps=10_000, warmup=1,
-                sync=None, cuda=False) -> dict:
+                sync=None, cuda=False, burst=1) -> dict:
     """Time several calls round-robin: {name: Timing}.
 
     On a shared machine the available bandwidth drifts by 2x within seconds;
     timing the implementations (and the bandwidth reference) in alternation
     makes each ratio compare like with like. A call stops being repeated once
     it has ``min_time`` seconds and ``min_reps`` repetitions.
+
+    ``burst > 1`` times cache-resident work: each turn makes one untimed call
+    to bring the call's data back into cache, then times ``burst`` calls in a
+    row, so the other calls' traffic does not turn it into a DRAM benchmark.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -67,25 +71,31 @@ def interleaved(fns: dict, *, min_time=0.5, min_reps=5, max_reps=10_000, warmup=
     active = list(fns)
     while active:
         for k in list(active):
-            if cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
+            if burst > 1:
                 fns[k]()
-                b.record()
-                b.synchronize()
-                dt = a.elapsed_time(b) / 1e3
-            else:
-                t0 = time.perf_counter()
-                fns[k]()
-                if sync:
-                    sync()
-                dt = time.perf_counter() - t0
-            times[k].append(dt)
-            totals[k] += dt
+            for _ in range(burst):
+                dt = _time_one(fns[k], sync, cuda)
+                times[k].append(dt)
+                totals[k] += dt
             n = len(times[k])
             if (totals[k] >= min_time and n >= min_reps) or n >= max_reps:
                 active.remove(k)
     return {k: _summarize(v) for k, v in times.items()}
+
+
+def _time_one(fn, sync, cuda) -> float:
+    if cuda:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - t0
 
 
 def _summarize(times) -> Timing:
