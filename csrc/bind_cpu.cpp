@@ -55,6 +55,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("nthreads"),
         "Fused Adam/AdamW over an address table (see csrc/common/optim_table.h).");
 
+  m.def("sgd_step", &pyopt::sgd_step_cpu, py::call_guard<py::gil_scoped_release>(),
+        py::arg("table"), py::arg("n"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"),
+        py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"), py::arg("dtype"),
+        py::arg("nthreads"), "Fused SGD over an address table (csrc/common/optim_table.h).");
+
+  m.def("rmsprop_step", &pyopt::rmsprop_step_cpu, py::call_guard<py::gil_scoped_release>(),
+        py::arg("table"), py::arg("n"), py::arg("lr"), py::arg("alpha"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("momentum"), py::arg("centered"), py::arg("maximize"),
+        py::arg("dtype"), py::arg("nthreads"),
+        "Fused RMSprop over an address table (csrc/common/optim_table.h).");
+
   m.def("build_info", &build_info);
   m.def("isa_compiled", [](const std::string& s) { return pyopt::isa_compiled(parse_isa(s)); });
   m.def("isa_supported", [](const std::string& s) { return pyopt::isa_supported(parse_isa(s)); });

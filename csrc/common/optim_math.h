@@ -83,4 +83,66 @@ PYOPT_HD void adam_math(float& p, float g, float& m, float& v, float& vmax,
   p = p + s.neg_step_size * (m / denom);
 }
 
+// ---------------------------------------------------------------- SGD
+
+// Momentum flavour, a template parameter like WeightDecay.
+enum Momentum : int { kNoMomentum = 0, kHeavyBall = 1, kNesterov = 2 };
+
+struct SgdHyper {
+  float neg_lr;
+  float weight_decay;
+  float momentum;
+  float one_minus_dampening;
+};
+
+// torch.optim.SGD (single-tensor order). `first`: the momentum buffer does
+// not exist yet and becomes a copy of the (decayed) gradient, as in torch.
+template <bool MAXIMIZE, bool WD, int MOM>
+PYOPT_HD void sgd_math(float& p, float g, float& buf, bool first, const SgdHyper& h) {
+  if (MAXIMIZE) g = -g;
+  if (WD) g = g + h.weight_decay * p;
+  if (MOM != kNoMomentum) {
+    buf = first ? g : buf * h.momentum + h.one_minus_dampening * g;
+    g = MOM == kNesterov ? g + h.momentum * buf : buf;
+  }
+  p = p + h.neg_lr * g;
+}
+
+// ------------------------------------------------------------ RMSprop
+
+struct RmspropHyper {
+  float neg_lr;
+  float alpha;
+  float one_minus_alpha;
+  float eps;
+  float weight_decay;
+  float momentum;
+};
+
+// torch.optim.RMSprop (single-tensor order): square_avg.mul_(alpha)
+// .addcmul_(g, g, 1 - alpha); centered: grad_avg.lerp_(g, 1 - alpha) and
+// avg = sqrt(square_avg - grad_avg^2); then avg + eps, and either
+// buf = buf * momentum + g / avg; p -= lr * buf, or p -= lr * (g / avg).
+template <bool MAXIMIZE, bool WD, bool CENTERED, bool MOM>
+PYOPT_HD void rmsprop_math(float& p, float g, float& sq, float& gavg, float& buf,
+                           const RmspropHyper& h) {
+  if (MAXIMIZE) g = -g;
+  if (WD) g = g + h.weight_decay * p;
+  sq = sq * h.alpha + (h.one_minus_alpha * g) * g;
+  float avg;
+  if (CENTERED) {
+    gavg = lerp_torch(gavg, g, h.one_minus_alpha);
+    avg = sqrtf(sq + (-1.0f * gavg) * gavg);
+  } else {
+    avg = sqrtf(sq);
+  }
+  avg = avg + h.eps;
+  if (MOM) {
+    buf = buf * h.momentum + g / avg;
+    p = p + h.neg_lr * buf;
+  } else {
+    p = p + h.neg_lr * (g / avg);
+  }
+}
+
 }  // namespace pyopt

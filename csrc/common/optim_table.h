@@ -17,4 +17,24 @@ enum AdamCol : int {
   kAdamCols = 7,
 };
 
+enum SgdCol : int {
+  kSgdParam = 0,      // param data
+  kSgdGrad = 1,       // grad data (param dtype)
+  kSgdMomentum = 2,   // momentum_buffer (param dtype), 0 without momentum
+  kSgdFirst = 3,      // 1: the buffer is new and starts as a copy of the gradient
+  kSgdNumel = 4,
+  kSgdCols = 5,
+};
+
+enum RmspropCol : int {
+  kRmsParam = 0,      // param data
+  kRmsGrad = 1,       // grad data (param dtype)
+  kRmsSquareAvg = 2,  // square_avg (param dtype)
+  kRmsMomentum = 3,   // momentum_buffer, 0 without momentum
+  kRmsGradAvg = 4,    // grad_avg, 0 unless centered
+  kRmsStep = 5,       // host address of the float32 CPU step tensor
+  kRmsNumel = 6,
+  kRmsCols = 7,
+};
+
 }  // namespace pyopt

@@ -1,6 +1,7 @@
 // CPU optimizer dispatcher: per-tensor host scalars, work split, ISA choice.
 #include <cmath>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -55,7 +56,82 @@ void parallel_over_elements(void (*fn)(const Call&, int64_t, int64_t), const Cal
 #endif
 }
 
+template <typename Call>
+using RangeOf = void (*)(const Call&, int64_t, int64_t);
+
+template <typename Call>
+RangeOf<Call> pick_isa(RangeOf<Call> baseline, RangeOf<Call> avx2, RangeOf<Call> avx512) {
+#if defined(PYOPT_HAVE_X86_VARIANTS)
+  const Isa isa = current_isa();
+  if (isa == Isa::kAVX512) return avx512;
+  if (isa == Isa::kAVX2) return avx2;
+#endif
+  (void)avx2;
+  (void)avx512;
+  return baseline;
+}
+
+// Prefix sums of the numel column, reused between calls.
+const int64_t* element_offsets(const int64_t* table, int64_t n, int cols, int numel_col) {
+  thread_local std::vector<int64_t> offsets;
+  offsets.resize(static_cast<size_t>(n) + 1);
+  offsets[0] = 0;
+  for (int64_t i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + table[i * cols + numel_col];
+  return offsets.data();
+}
+
+void check_dtype(int dtype, const char* op) {
+  if (dtype < kFloat32 || dtype > kFloat16)
+    throw std::invalid_argument(std::string(op) + ": unknown dtype code");
+}
+
 }  // namespace
+
+void sgd_step_cpu(int64_t table_addr, int64_t n, double lr, double momentum, double dampening,
+                  double weight_decay, bool nesterov, bool maximize, int dtype, int nthreads) {
+  check_dtype(dtype, "sgd_step");
+  if (n <= 0) return;
+  SgdCall call;
+  call.table = reinterpret_cast<const int64_t*>(table_addr);
+  call.n = n;
+  call.offsets = element_offsets(call.table, n, kSgdCols, kSgdNumel);
+  call.hyper.neg_lr = static_cast<float>(-lr);
+  call.hyper.weight_decay = static_cast<float>(weight_decay);
+  call.hyper.momentum = static_cast<float>(momentum);
+  call.hyper.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  call.maximize = maximize;
+  call.weight_decay = weight_decay != 0.0;
+  call.momentum = momentum == 0.0 ? kNoMomentum : (nesterov ? kNesterov : kHeavyBall);
+  call.dtype = dtype;
+  parallel_over_elements(pick_isa<SgdCall>(sgd_range_baseline, sgd_range_avx2, sgd_range_avx512),
+                         call, call.offsets[n], nthreads);
+}
+
+void rmsprop_step_cpu(int64_t table_addr, int64_t n, double lr, double alpha, double eps,
+                      double weight_decay, double momentum, bool centered, bool maximize,
+                      int dtype, int nthreads) {
+  check_dtype(dtype, "rmsprop_step");
+  if (n <= 0) return;
+  RmspropCall call;
+  call.table = reinterpret_cast<const int64_t*>(table_addr);
+  call.n = n;
+  for (int64_t i = 0; i < n; ++i) *reinterpret_cast<float*>(call.table[i * kRmsCols + kRmsStep]) += 1.0f;
+  call.offsets = element_offsets(call.table, n, kRmsCols, kRmsNumel);
+  call.hyper.neg_lr = static_cast<float>(-lr);
+  call.hyper.alpha = static_cast<float>(alpha);
+  call.hyper.one_minus_alpha = static_cast<float>(1.0 - alpha);
+  call.hyper.eps = static_cast<float>(eps);
+  call.hyper.weight_decay = static_cast<float>(weight_decay);
+  call.hyper.momentum = static_cast<float>(momentum);
+  call.maximize = maximize;
+  call.weight_decay = weight_decay != 0.0;
+  call.centered = centered;
+  call.momentum = momentum > 0.0;
+  call.dtype = dtype;
+  parallel_over_elements(
+      pick_isa<RmspropCall>(rmsprop_range_baseline, rmsprop_range_avx2, rmsprop_range_avx512),
+      call, call.offsets[n], nthreads);
+}
 
 void adam_step_cpu(int64_t table_addr, int64_t n, double lr, double beta1, double beta2,
                    double eps, double weight_decay, bool amsgrad, bool maximize,

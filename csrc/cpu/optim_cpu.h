@@ -22,10 +22,42 @@ struct AdamCall {
   int param_dtype, state_dtype;        // DType
 };
 
+struct SgdCall {
+  const int64_t* table;                // n x kSgdCols
+  int64_t n;
+  const int64_t* offsets;
+  SgdHyper hyper;
+  bool maximize, weight_decay;
+  int momentum;                        // Momentum
+  int dtype;                           // DType of params, grads and buffers
+};
+
+struct RmspropCall {
+  const int64_t* table;                // n x kRmsCols
+  int64_t n;
+  const int64_t* offsets;
+  RmspropHyper hyper;
+  bool maximize, weight_decay, centered, momentum;
+  int dtype;
+};
+
 // Processes elements [begin, end) of the concatenation of all tensors.
 void adam_range_baseline(const AdamCall& call, int64_t begin, int64_t end);
 void adam_range_avx2(const AdamCall& call, int64_t begin, int64_t end);
 void adam_range_avx512(const AdamCall& call, int64_t begin, int64_t end);
+
+void sgd_range_baseline(const SgdCall& call, int64_t begin, int64_t end);
+void sgd_range_avx2(const SgdCall& call, int64_t begin, int64_t end);
+void sgd_range_avx512(const SgdCall& call, int64_t begin, int64_t end);
+void rmsprop_range_baseline(const RmspropCall& call, int64_t begin, int64_t end);
+void rmsprop_range_avx2(const RmspropCall& call, int64_t begin, int64_t end);
+void rmsprop_range_avx512(const RmspropCall& call, int64_t begin, int64_t end);
+
+void sgd_step_cpu(int64_t table_addr, int64_t n, double lr, double momentum, double dampening,
+                  double weight_decay, bool nesterov, bool maximize, int dtype, int nthreads);
+void rmsprop_step_cpu(int64_t table_addr, int64_t n, double lr, double alpha, double eps,
+                      double weight_decay, double momentum, bool centered, bool maximize,
+                      int dtype, int nthreads);
 
 void adam_step_cpu(int64_t table_addr, int64_t n, double lr, double beta1, double beta2,
                    double eps, double weight_decay, bool amsgrad, bool maximize,

@@ -109,6 +109,131 @@ static AdamRowFn pick(const AdamCall& c) {
   return nullptr;
 }
 
+// ------------------------------------------------------ SGD and RMSprop
+// All lists share the param's storage type T. fp32 runs the math on memory;
+// 16-bit storage goes through float blocks. Null lists (no momentum, not
+// centered) are neither read nor written.
+template <typename T, int NL, unsigned WRITE, typename F>
+static void run_blocked(T* const (&ptr)[NL], int64_t n, const F& f) {
+  if constexpr (is_f32<T>) {
+    float* x[NL];
+    for (int l = 0; l < NL; ++l) x[l] = ptr[l];
+    f(x, n);
+  } else {
+    alignas(64) float buf[NL][kBlock];
+    float* x[NL];
+    for (int l = 0; l < NL; ++l) x[l] = buf[l];
+    for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+      const int64_t k = n - i0 < kBlock ? n - i0 : kBlock;
+      for (int l = 0; l < NL; ++l)
+        if (ptr[l] != nullptr) load_block(ptr[l] + i0, buf[l], k);
+      f(x, k);
+      for (int l = 0; l < NL; ++l)
+        if (((WRITE >> l) & 1u) && ptr[l] != nullptr) store_block(buf[l], ptr[l] + i0, k);
+    }
+  }
+}
+
+template <typename T>
+static T* list_at(const int64_t* row, int col, int64_t off) {
+  return row[col] == 0 ? nullptr : reinterpret_cast<T*>(row[col]) + off;
+}
+
+// Calls fn(row, off, len, t) for every tensor t overlapping [begin, end) of
+// the concatenation described by offsets.
+template <typename Fn>
+static void for_each_row(const int64_t* table, int cols, int64_t n, const int64_t* offsets,
+                         int64_t begin, int64_t end, const Fn& fn) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (offsets[mid + 1] <= begin) lo = mid + 1; else hi = mid;
+  }
+  for (int64_t t = lo; t < n && offsets[t] < end; ++t) {
+    const int64_t a = begin > offsets[t] ? begin : offsets[t];
+    const int64_t b = end < offsets[t + 1] ? end : offsets[t + 1];
+    if (b > a) fn(table + t * cols, a - offsets[t], b - a);
+  }
+}
+
+template <typename T, bool MAX, bool WD, int MOM>
+static void sgd_row(const int64_t* row, int64_t off, int64_t len, const SgdHyper& h) {
+  T* const ptr[3] = {list_at<T>(row, kSgdParam, off), list_at<T>(row, kSgdGrad, off),
+                     MOM != kNoMomentum ? list_at<T>(row, kSgdMomentum, off) : nullptr};
+  const bool first = row[kSgdFirst] != 0;
+  run_blocked<T, 3, 0b101u>(ptr, len, [&](float* const* x, int64_t k) {
+    float* __restrict p = x[0];
+    const float* __restrict g = x[1];
+    float* __restrict b = x[2];
+    for (int64_t i = 0; i < k; ++i) {
+      float pi = p[i], bi = MOM != kNoMomentum ? b[i] : 0.0f;
+      sgd_math<MAX, WD, MOM>(pi, g[i], bi, first, h);
+      p[i] = pi;
+      if (MOM != kNoMomentum) b[i] = bi;
+    }
+  });
+}
+
+template <typename T, bool MAX, bool WD, bool CEN, bool MOM>
+static void rmsprop_row(const int64_t* row, int64_t off, int64_t len, const RmspropHyper& h) {
+  T* const ptr[5] = {list_at<T>(row, kRmsParam, off), list_at<T>(row, kRmsGrad, off),
+                     list_at<T>(row, kRmsSquareAvg, off),
+                     MOM ? list_at<T>(row, kRmsMomentum, off) : nullptr,
+                     CEN ? list_at<T>(row, kRmsGradAvg, off) : nullptr};
+  run_blocked<T, 5, 0b11101u>(ptr, len, [&](float* const* x, int64_t k) {
+    float* __restrict p = x[0];
+    const float* __restrict g = x[1];
+    float* __restrict sq = x[2];
+    float* __restrict b = x[3];
+    float* __restrict ga = x[4];
+    for (int64_t i = 0; i < k; ++i) {
+      float pi = p[i], si = sq[i], bi = MOM ? b[i] : 0.0f, gi = CEN ? ga[i] : 0.0f;
+      rmsprop_math<MAX, WD, CEN, MOM>(pi, g[i], si, gi, bi, h);
+      p[i] = pi;
+      sq[i] = si;
+      if (MOM) b[i] = bi;
+      if (CEN) ga[i] = gi;
+    }
+  });
+}
+
+// Run-time flags to template flags: every combination is one loop without
+// branches inside.
+template <typename T>
+static void sgd_dispatch(const SgdCall& c, int64_t begin, int64_t end) {
+  const auto go = [&](auto fn) {
+    for_each_row(c.table, kSgdCols, c.n, c.offsets, begin, end,
+                 [&](const int64_t* row, int64_t off, int64_t len) { fn(row, off, len, c.hyper); });
+  };
+#define PYOPT_SGD(MAX, WD, MOM)                                             \
+  if (c.maximize == MAX && c.weight_decay == WD && c.momentum == MOM) \
+    return go(sgd_row<T, MAX, WD, MOM>);
+  PYOPT_SGD(false, false, kNoMomentum) PYOPT_SGD(false, false, kHeavyBall)
+  PYOPT_SGD(false, false, kNesterov) PYOPT_SGD(false, true, kNoMomentum)
+  PYOPT_SGD(false, true, kHeavyBall) PYOPT_SGD(false, true, kNesterov)
+  PYOPT_SGD(true, false, kNoMomentum) PYOPT_SGD(true, false, kHeavyBall)
+  PYOPT_SGD(true, false, kNesterov) PYOPT_SGD(true, true, kNoMomentum)
+  PYOPT_SGD(true, true, kHeavyBall) PYOPT_SGD(true, true, kNesterov)
+#undef PYOPT_SGD
+}
+
+template <typename T>
+static void rmsprop_dispatch(const RmspropCall& c, int64_t begin, int64_t end) {
+  const auto go = [&](auto fn) {
+    for_each_row(c.table, kRmsCols, c.n, c.offsets, begin, end,
+                 [&](const int64_t* row, int64_t off, int64_t len) { fn(row, off, len, c.hyper); });
+  };
+#define PYOPT_RMS(MAX, WD, CEN, MOM)                                                     \
+  if (c.maximize == MAX && c.weight_decay == WD && c.centered == CEN && c.momentum == MOM) \
+    return go(rmsprop_row<T, MAX, WD, CEN, MOM>);
+#define PYOPT_RMS2(MAX, WD) \
+  PYOPT_RMS(MAX, WD, false, false) PYOPT_RMS(MAX, WD, false, true) \
+  PYOPT_RMS(MAX, WD, true, false) PYOPT_RMS(MAX, WD, true, true)
+  PYOPT_RMS2(false, false) PYOPT_RMS2(false, true) PYOPT_RMS2(true, false) PYOPT_RMS2(true, true)
+#undef PYOPT_RMS2
+#undef PYOPT_RMS
+}
+
 }  // namespace PYOPT_ISA
 
 void PYOPT_CAT(adam_range, PYOPT_ISA)(const AdamCall& c, int64_t begin, int64_t end) {
@@ -125,6 +250,18 @@ void PYOPT_CAT(adam_range, PYOPT_ISA)(const AdamCall& c, int64_t begin, int64_t 
     const int64_t b = end < c.offsets[t + 1] ? end : c.offsets[t + 1];
     if (b > a) fn(c.table + t * kAdamCols, a - c.offsets[t], b - a, c.hyper, c.scalars[t]);
   }
+}
+
+void PYOPT_CAT(sgd_range, PYOPT_ISA)(const SgdCall& c, int64_t begin, int64_t end) {
+  if (c.dtype == kFloat32) return PYOPT_ISA::sgd_dispatch<float>(c, begin, end);
+  if (c.dtype == kBFloat16) return PYOPT_ISA::sgd_dispatch<PYOPT_ISA::bf16>(c, begin, end);
+  if (c.dtype == kFloat16) return PYOPT_ISA::sgd_dispatch<PYOPT_ISA::f16>(c, begin, end);
+}
+
+void PYOPT_CAT(rmsprop_range, PYOPT_ISA)(const RmspropCall& c, int64_t begin, int64_t end) {
+  if (c.dtype == kFloat32) return PYOPT_ISA::rmsprop_dispatch<float>(c, begin, end);
+  if (c.dtype == kBFloat16) return PYOPT_ISA::rmsprop_dispatch<PYOPT_ISA::bf16>(c, begin, end);
+  if (c.dtype == kFloat16) return PYOPT_ISA::rmsprop_dispatch<PYOPT_ISA::f16>(c, begin, end);
 }
 
 }  // namespace pyopt

@@ -27,7 +27,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-__all__ = ["adam_step", "CACHE_ENABLED"]
+__all__ = ["adam_step", "sgd_step", "rmsprop_step", "CACHE_ENABLED"]
 
 # Table columns (csrc/common/optim_table.h, enum AdamCol).
 PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, NUMEL, NCOLS = range(8)
@@ -317,6 +317,138 @@ def _adam_kernel(table, lr, beta1, beta2, hyper, pcode, scode, amsgrad, maximize
             i += 1
 
 
+# ----------------------------------------------------------- SGD / RMSprop
+
+@_njit()
+def _segments(table, numel_col, nthreads):
+    """Cut the concatenation of all tensors into at most nthreads blocks;
+    block b is segments blk[b]..blk[b+1]-1, each (tensor, lo, hi)."""
+    n = table.shape[0]
+    start = np.empty(n + 1, np.int64)
+    start[0] = 0
+    for i in range(n):
+        start[i + 1] = start[i] + table[i, numel_col]
+    total = start[n]
+    nblocks = max(1, min(nthreads, total // MIN_BLOCK))
+    block = (total + nblocks - 1) // nblocks
+    seg = np.empty((n + nblocks, 3), np.int64)
+    blk = np.zeros(nblocks + 1, np.int64)
+    s, i = 0, 0
+    for b in range(nblocks):
+        lo, hi = b * block, min((b + 1) * block, total)
+        while i < n and start[i + 1] <= lo:
+            i += 1
+        k = i
+        while k < n and start[k] < hi:
+            a, e = max(lo, start[k]) - start[k], min(hi, start[k + 1]) - start[k]
+            if e > a:
+                seg[s, 0], seg[s, 1], seg[s, 2] = k, a, e
+                s += 1
+            k += 1
+        blk[b + 1] = s
+    return seg, blk
+
+
+@_njit()
+def _sgd_range(p, g, b, maximize, wd, mom_mode, first, hyper):
+    """pyopt::sgd_math; mom_mode 0 none, 1 heavy ball, 2 nesterov."""
+    neg_lr, weight_decay, momentum, one_minus_dampening = hyper
+    for j in range(p.size):
+        pj = _load(p, j, 0)
+        gj = _load(g, j, 0)
+        if maximize:
+            gj = -gj
+        if wd:
+            gj = gj + weight_decay * pj
+        if mom_mode != 0:
+            bj = gj if first else _load(b, j, 0) * momentum + one_minus_dampening * gj
+            _store(b, j, bj, 0)
+            gj = gj + momentum * bj if mom_mode == 2 else bj
+        _store(p, j, pj + neg_lr * gj, 0)
+
+
+@_njit()
+def _sgd_views(table, i, lo, hi, t, maximize, wd, mom_mode, hyper):
+    p = _view(table, i, 0, lo, hi, t)
+    g = _view(table, i, 1, lo, hi, t)
+    b = _view(table, i, 2, lo, hi, t) if mom_mode != 0 else p
+    _sgd_range(p, g, b, maximize, wd, mom_mode, table[i, 3] != 0, hyper)
+
+
+@_njit(parallel=True)
+def _sgd_kernel(table, code, maximize, wd, mom_mode, hyper, nthreads):
+    seg, blk = _segments(table, 4, nthreads)
+    for b in numba.prange(blk.size - 1):
+        for s in range(blk[b], blk[b + 1]):
+            i, lo, hi = seg[s, 0], seg[s, 1], seg[s, 2]
+            if code == FLOAT32:
+                _sgd_views(table, i, lo, hi, np.float32, maximize, wd, mom_mode, hyper)
+            elif code == BFLOAT16:
+                _sgd_views(table, i, lo, hi, np.uint16, maximize, wd, mom_mode, hyper)
+            else:
+                _sgd_views(table, i, lo, hi, np.int16, maximize, wd, mom_mode, hyper)
+
+
+@_njit()
+def _rmsprop_range(p, g, sq, b, ga, maximize, wd, centered, mom, hyper):
+    """pyopt::rmsprop_math."""
+    neg_lr, alpha, one_minus_alpha, one_minus_w, eps, weight_decay, momentum = hyper
+    lerp_low = one_minus_alpha < np.float32(0.5)
+    for j in range(p.size):
+        pj = _load(p, j, 0)
+        gj = _load(g, j, 0)
+        if maximize:
+            gj = -gj
+        if wd:
+            gj = gj + weight_decay * pj
+        sj = _load(sq, j, 0) * alpha + (one_minus_alpha * gj) * gj
+        _store(sq, j, sj, 0)
+        if centered:
+            aj = _load(ga, j, 0)
+            if lerp_low:
+                aj = aj + one_minus_alpha * (gj - aj)
+            else:
+                aj = gj - (gj - aj) * one_minus_w
+            _store(ga, j, aj, 0)
+            avg = np.sqrt(sj + (np.float32(-1.0) * aj) * aj)
+        else:
+            avg = np.sqrt(sj)
+        avg = avg + eps
+        if mom:
+            bj = _load(b, j, 0) * momentum + gj / avg
+            _store(b, j, bj, 0)
+            _store(p, j, pj + neg_lr * bj, 0)
+        else:
+            _store(p, j, pj + neg_lr * (gj / avg), 0)
+
+
+@_njit()
+def _rmsprop_views(table, i, lo, hi, t, maximize, wd, centered, mom, hyper):
+    p = _view(table, i, 0, lo, hi, t)
+    g = _view(table, i, 1, lo, hi, t)
+    sq = _view(table, i, 2, lo, hi, t)
+    b = _view(table, i, 3, lo, hi, t) if mom else p
+    ga = _view(table, i, 4, lo, hi, t) if centered else p
+    _rmsprop_range(p, g, sq, b, ga, maximize, wd, centered, mom, hyper)
+
+
+@_njit(parallel=True)
+def _rmsprop_kernel(table, code, maximize, wd, centered, mom, hyper, nthreads):
+    for i in range(table.shape[0]):
+        step = numba.carray(_as_ptr(table[i, 5], 0, np.float32), 1)
+        step[0] = step[0] + np.float32(1.0)
+    seg, blk = _segments(table, 6, nthreads)
+    for b in numba.prange(blk.size - 1):
+        for s in range(blk[b], blk[b + 1]):
+            i, lo, hi = seg[s, 0], seg[s, 1], seg[s, 2]
+            if code == FLOAT32:
+                _rmsprop_views(table, i, lo, hi, np.float32, maximize, wd, centered, mom, hyper)
+            elif code == BFLOAT16:
+                _rmsprop_views(table, i, lo, hi, np.uint16, maximize, wd, centered, mom, hyper)
+            else:
+                _rmsprop_views(table, i, lo, hi, np.int16, maximize, wd, centered, mom, hyper)
+
+
 # ------------------------------------------------------------------ entry
 
 def adam_step(table, n, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled,
@@ -341,3 +473,38 @@ def adam_step(table, n, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, 
     numba.set_num_threads(nthreads)
     _adam_kernel(table, lr, float(beta1), float(beta2), hyper, int(param_dtype), int(state_dtype),
                  bool(amsgrad), bool(maximize), wd_mode, nthreads)
+
+
+def _threads(nthreads):
+    nthreads = max(1, min(int(nthreads), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(nthreads)
+    return nthreads
+
+
+def sgd_step(table, n, lr, momentum, dampening, weight_decay, nesterov, maximize, dtype,
+             nthreads):
+    """One SGD step over the n rows of ``table`` (int64, shape (n, 5)), in place."""
+    if n == 0:
+        return
+    if dtype not in (FLOAT32, BFLOAT16, FLOAT16):
+        raise ValueError(f"unsupported dtype code {dtype}")
+    f32 = np.float32
+    hyper = (f32(-float(lr)), f32(weight_decay), f32(momentum), f32(1.0 - dampening))
+    mom_mode = 0 if momentum == 0 else (2 if nesterov else 1)
+    _sgd_kernel(np.ascontiguousarray(table[:n], dtype=np.int64), int(dtype), bool(maximize),
+                weight_decay != 0, mom_mode, hyper, _threads(nthreads))
+
+
+def rmsprop_step(table, n, lr, alpha, eps, weight_decay, momentum, centered, maximize, dtype,
+                 nthreads):
+    """One RMSprop step over the n rows of ``table`` (int64, shape (n, 7)), in place."""
+    if n == 0:
+        return
+    if dtype not in (FLOAT32, BFLOAT16, FLOAT16):
+        raise ValueError(f"unsupported dtype code {dtype}")
+    f32 = np.float32
+    oma = f32(1.0 - alpha)
+    hyper = (f32(-float(lr)), f32(alpha), oma, f32(1) - oma, f32(eps), f32(weight_decay),
+             f32(momentum))
+    _rmsprop_kernel(np.ascontiguousarray(table[:n], dtype=np.int64), int(dtype), bool(maximize),
+                    weight_decay != 0, bool(centered), momentum > 0, hyper, _threads(nthreads))

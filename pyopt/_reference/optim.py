@@ -89,3 +89,56 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
         param.copy_(p)
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
+
+
+def sgd_step(params, grads, momentum_buffers, firsts, *, lr, momentum, dampening,
+             weight_decay, nesterov, maximize):
+    """One SGD step in the order of ``pyopt::sgd_math``. ``firsts[i]``: the
+    buffer is new and starts as a copy of the (decayed) gradient."""
+    neg_lr, wd, mom, omd = map(float, (f32(-float(lr)), f32(weight_decay), f32(momentum),
+                                       f32(1.0 - dampening)))
+    for i, param in enumerate(params):
+        p = param.float()
+        g = grads[i].float()
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            g = g + wd * p
+        if momentum != 0:
+            buf = g if firsts[i] else momentum_buffers[i].float() * mom + omd * g
+            momentum_buffers[i].copy_(buf)
+            g = g + mom * buf if nesterov else buf
+        param.copy_(p + neg_lr * g)
+
+
+def rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, steps, *, lr, alpha,
+                 eps, weight_decay, momentum, centered, maximize):
+    """One RMSprop step in the order of ``pyopt::rmsprop_math``."""
+    neg_lr, a, oma, eps_, wd, mom = map(float, (f32(-float(lr)), f32(alpha), f32(1.0 - alpha),
+                                                f32(eps), f32(weight_decay), f32(momentum)))
+    lerp_low = oma < 0.5
+    one_minus_w = float(f32(1) - f32(oma))
+    for i, param in enumerate(params):
+        steps[i].add_(1)
+        p = param.float()
+        g = grads[i].float()
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            g = g + wd * p
+        sq = square_avgs[i].float() * a + (oma * g) * g
+        square_avgs[i].copy_(sq)
+        if centered:
+            ga = grad_avgs[i].float()
+            ga = ga + oma * (g - ga) if lerp_low else g - (g - ga) * one_minus_w
+            grad_avgs[i].copy_(ga)
+            avg = (sq + (-1.0 * ga) * ga).double().sqrt().float()
+        else:
+            avg = sq.double().sqrt().float()
+        avg = avg + eps_
+        if momentum > 0:
+            buf = momentum_buffers[i].float() * mom + g / avg
+            momentum_buffers[i].copy_(buf)
+            param.copy_(p + neg_lr * buf)
+        else:
+            param.copy_(p + neg_lr * (g / avg))

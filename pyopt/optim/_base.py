@@ -32,7 +32,7 @@ class _Bucket:
         self.pos, self.params, self.states, self.steps, self.nbytes = [], [], [], [], []
         self.strides = None   # per-param strides when some param is dense but not contiguous
 
-    def finish(self, state_keys, grads, backend_request):
+    def finish(self, state_keys, grads, backend_request, extra_column):
         n, k = len(self.params), len(state_keys)
         # columns: param, grad, state tensors..., step, numel
         self.table = np.zeros((n, k + 4), dtype=np.int64)
@@ -42,7 +42,7 @@ class _Bucket:
             for j, key in enumerate(state_keys):
                 t = st.get(key)
                 self.table[i, 2 + j] = 0 if t is None else t.data_ptr()
-            self.table[i, k + 2] = step.data_ptr()
+            self.table[i, k + 2] = extra_column(st)
             self.table[i, k + 3] = p.numel()
         self.pptrs = self.table[:, 0].tolist()
         if not all(p.is_contiguous() for p in self.params):
@@ -107,7 +107,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     _check_group and _run(bucket, params, grads, group)."""
 
     STATE_KEYS: tuple = ()
+    HAS_STEP = True      # a float32 "step" tensor per param, as torch keeps it
     _NAME = "Optimizer"
+
+    def _extra_column(self, st) -> int:
+        """The table column after the state lists: the step tensor's address."""
+        return st["step"].data_ptr()
 
     def __init__(self, params, defaults, backend):
         self._backend = _backends.requested(backend)
@@ -241,13 +246,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             b.pos.append(i)
             b.params.append(p)
             b.states.append(st)
-            b.steps.append(st["step"])
+            b.steps.append(st.get("step"))
             b.nbytes.append(p.nbytes)
         plan = _Plan()
         plan.params, plan.flags = list(ps), flags
         plan.buckets = list(buckets.values())
         for b in plan.buckets:
-            b.finish(self.STATE_KEYS, [gs[i] for i in b.pos], self._backend)
+            b.finish(self.STATE_KEYS, [gs[i] for i in b.pos], self._backend, self._extra_column)
         plan.state = self.state
         return plan
 
@@ -256,7 +261,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         the step must be a CPU float32 scalar (where torch keeps it by default),
         since the kernels read all of them through one address table."""
         step = st.get("step")
-        if not isinstance(step, torch.Tensor):
+        if not self.HAS_STEP:
+            pass
+        elif not isinstance(step, torch.Tensor):
             st["step"] = torch.tensor(float(step or 0.0), dtype=torch.float32)
         elif step.device.type != "cpu" or step.dtype != torch.float32 or step.dim() != 0:
             st["step"] = step.detach().to("cpu", torch.float32).reshape(())

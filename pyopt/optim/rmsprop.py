@@ -1,0 +1,108 @@
+"""Fused RMSprop: a drop-in replacement for torch.optim.RMSprop, including
+centered and momentum together in one call per group."""
+from __future__ import annotations
+
+import torch
+
+from .. import _backends, _checks
+from ._base import FusedOptimizer
+
+
+def _check_hyper(lr, alpha, eps, weight_decay, momentum):
+    lr_f = _checks.scalar(lr, "lr")
+    if not 0.0 <= lr_f:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= momentum:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not 0.0 <= alpha:
+        raise ValueError(f"Invalid alpha value: {alpha}")
+
+
+def run_rmsprop(backend, params, grads, lists, steps, table, *, lr, alpha, eps, weight_decay,
+                momentum, centered, maximize):
+    code = _checks.DTYPE_CODES[params[0].dtype]
+    args = (lr, alpha, eps, weight_decay, momentum, centered, maximize, code)
+    if backend == "native":
+        if params[0].is_cuda:
+            stream = torch.cuda.current_stream(params[0].device).cuda_stream
+            _backends.cuda_module().rmsprop_step(table.ctypes.data, len(params), *args, stream)
+        else:
+            _backends.cpu_module().rmsprop_step(table.ctypes.data, len(params), *args,
+                                                torch.get_num_threads())
+    elif backend == "numba":
+        from .._numba import optim as nb
+        nb.rmsprop_step(table, len(params), *args, torch.get_num_threads())
+    else:
+        from .._reference.optim import rmsprop_step
+        rmsprop_step(params, grads, *lists, steps, lr=lr, alpha=alpha, eps=eps,
+                     weight_decay=weight_decay, momentum=momentum, centered=centered,
+                     maximize=maximize)
+
+
+class RMSprop(FusedOptimizer):
+    """Fused RMSprop with torch.optim.RMSprop's arguments, defaults and
+    state_dict. ``foreach`` is accepted and ignored; ``capturable=True`` and
+    ``differentiable=True`` raise. Extra keyword-only argument ``backend``."""
+
+    STATE_KEYS = ("square_avg", "momentum_buffer", "grad_avg")
+    _NAME = "RMSprop"
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
+                 centered=False, capturable=False, foreach=None, maximize=False,
+                 differentiable=False, *, backend=None):
+        _check_hyper(lr, alpha, eps, weight_decay, momentum)
+        if capturable:
+            raise ValueError("capturable=True is not supported yet by pyopt; use torch.optim "
+                             "for capturable steps")
+        if differentiable:
+            raise ValueError("differentiable=True is not supported by pyopt's fused kernels; "
+                             "use torch.optim for differentiable optimizer steps")
+        defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
+                        weight_decay=weight_decay, capturable=capturable, foreach=foreach,
+                        maximize=maximize, differentiable=differentiable)
+        super().__init__(params, defaults, backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in (("momentum", 0), ("centered", False), ("foreach", None),
+                         ("maximize", False), ("differentiable", False), ("capturable", False)):
+                group.setdefault(k, v)
+
+    def _plan_flags(self, group):
+        return (group["momentum"] > 0, bool(group["centered"]))
+
+    def _check_group(self, group):
+        _check_hyper(group["lr"], group["alpha"], group["eps"], group["weight_decay"],
+                     group["momentum"])
+        if group.get("capturable") or group.get("differentiable"):
+            raise ValueError("capturable/differentiable RMSprop is not supported by pyopt")
+
+    def _init_state(self, p, st, group):
+        st["step"] = torch.tensor(0.0, dtype=torch.float32)
+        st["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _normalize_state(self, p, st, group):
+        # torch creates these at the first step only; switching momentum or
+        # centered on later starts them at zero here instead of failing.
+        if group["momentum"] > 0 and "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["centered"] and "grad_avg" not in st:
+            st["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        super()._normalize_state(p, st, group)
+
+    def _run(self, b, ps, gs, group):
+        momentum, centered = float(group["momentum"]), bool(group["centered"])
+        lists = ([], [], [])
+        if b.backend == "torch":
+            lists = ([s["square_avg"] for s in b.states],
+                     [s["momentum_buffer"] for s in b.states] if momentum > 0 else [],
+                     [s["grad_avg"] for s in b.states] if centered else [])
+        run_rmsprop(b.backend, ps, gs, lists, b.steps, b.table,
+                    lr=_checks.scalar(group["lr"], "lr"), alpha=float(group["alpha"]),
+                    eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                    momentum=momentum, centered=centered, maximize=bool(group["maximize"]))

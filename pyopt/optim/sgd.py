@@ -1,0 +1,106 @@
+"""Fused SGD: a drop-in replacement for torch.optim.SGD."""
+from __future__ import annotations
+
+import torch
+
+from .. import _backends, _checks
+from ._base import FusedOptimizer
+
+
+def _check_hyper(lr, momentum, dampening, weight_decay, nesterov):
+    lr_f = _checks.scalar(lr, "lr")
+    if not 0.0 <= lr_f:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if momentum < 0.0:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+def run_sgd(backend, params, grads, bufs, table, *, lr, momentum, dampening, weight_decay,
+            nesterov, maximize):
+    """Call one backend on already-validated tensors of one (device, dtype)."""
+    code = _checks.DTYPE_CODES[params[0].dtype]
+    args = (lr, momentum, dampening, weight_decay, nesterov, maximize, code)
+    if backend == "native":
+        if params[0].is_cuda:
+            stream = torch.cuda.current_stream(params[0].device).cuda_stream
+            _backends.cuda_module().sgd_step(table.ctypes.data, len(params), *args, stream)
+        else:
+            _backends.cpu_module().sgd_step(table.ctypes.data, len(params), *args,
+                                            torch.get_num_threads())
+    elif backend == "numba":
+        from .._numba import optim as nb
+        nb.sgd_step(table, len(params), *args, torch.get_num_threads())
+    else:
+        from .._reference.optim import sgd_step
+        sgd_step(params, grads, bufs, table[:, 3].tolist(), lr=lr, momentum=momentum,
+                 dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                 maximize=maximize)
+
+
+class SGD(FusedOptimizer):
+    """Fused SGD with torch.optim.SGD's arguments, defaults and state_dict.
+
+    The momentum buffer follows torch: none while momentum is 0, and on its
+    first step it is a copy of the (decayed) gradient. ``foreach`` and
+    ``fused`` are accepted and ignored; ``differentiable=True`` raises.
+    Extra keyword-only argument ``backend`` as for :class:`pyopt.optim.Adam`.
+    """
+
+    STATE_KEYS = ("momentum_buffer",)
+    HAS_STEP = False
+    _NAME = "SGD"
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
+                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
+                 fused=None, backend=None):
+        _check_hyper(lr, momentum, dampening, weight_decay, nesterov)
+        if differentiable:
+            raise ValueError("differentiable=True is not supported by pyopt's fused kernels; "
+                             "use torch.optim for differentiable optimizer steps")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                        foreach=foreach, differentiable=differentiable, fused=fused)
+        self._fresh: set = set()
+        super().__init__(params, defaults, backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_fresh", set())
+        for group in self.param_groups:
+            for k, v in (("nesterov", False), ("maximize", False), ("foreach", None),
+                         ("differentiable", False), ("fused", False)):
+                group.setdefault(k, v)
+
+    def _plan_flags(self, group):
+        return group["momentum"] != 0
+
+    def _check_group(self, group):
+        _check_hyper(group["lr"], group["momentum"], group["dampening"],
+                     group["weight_decay"], group["nesterov"])
+
+    def _init_state(self, p, st, group):
+        pass  # torch keeps no SGD state until momentum creates a buffer
+
+    def _normalize_state(self, p, st, group):
+        if group["momentum"] != 0 and st.get("momentum_buffer") is None:
+            # zeros, not empty: if the step never ran, the buffer is still sane
+            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self._fresh.add(id(st["momentum_buffer"]))
+        super()._normalize_state(p, st, group)
+
+    def _extra_column(self, st) -> int:
+        """Column 3: 1 while the buffer is new (it becomes a copy of the gradient)."""
+        return int(id(st.get("momentum_buffer")) in self._fresh)
+
+    def _run(self, b, ps, gs, group):
+        self._fresh.clear()
+        bufs = [s.get("momentum_buffer") for s in b.states] if b.backend == "torch" else []
+        run_sgd(b.backend, ps, gs, bufs, b.table, lr=_checks.scalar(group["lr"], "lr"),
+                momentum=float(group["momentum"]), dampening=float(group["dampening"]),
+                weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
+                maximize=bool(group["maximize"]))
+        b.table[:, 3] = 0
