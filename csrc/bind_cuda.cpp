@@ -54,6 +54,34 @@ PYBIND11_MODULE(_C_cuda, m) {
       "(csrc/common/optim_table.h). Increments each host float32 step, launches on `stream`, "
       "does not synchronize.");
 
+  m.def(
+      "sgd_step",
+      [](int64_t table_addr, int64_t n, double lr, double momentum, double dampening,
+         double weight_decay, bool nesterov, bool maximize, int dtype, int64_t stream) {
+        check_dtype_code(dtype, "dtype");
+        py::gil_scoped_release no_gil;
+        pyopt::cuda::sgd_step(table_addr, n, lr, momentum, dampening, weight_decay, nesterov,
+                              maximize, dtype, stream);
+      },
+      py::arg("table_addr"), py::arg("n"), py::arg("lr"), py::arg("momentum"),
+      py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"),
+      py::arg("dtype"), py::arg("stream"),
+      "Fused SGD over an int64 [n, 5] address table; launches on `stream`.");
+
+  m.def(
+      "rmsprop_step",
+      [](int64_t table_addr, int64_t n, double lr, double alpha, double eps, double weight_decay,
+         double momentum, bool centered, bool maximize, int dtype, int64_t stream) {
+        check_dtype_code(dtype, "dtype");
+        py::gil_scoped_release no_gil;
+        pyopt::cuda::rmsprop_step(table_addr, n, lr, alpha, eps, weight_decay, momentum,
+                                  centered, maximize, dtype, stream);
+      },
+      py::arg("table_addr"), py::arg("n"), py::arg("lr"), py::arg("alpha"), py::arg("eps"),
+      py::arg("weight_decay"), py::arg("momentum"), py::arg("centered"), py::arg("maximize"),
+      py::arg("dtype"), py::arg("stream"),
+      "Fused RMSprop over an int64 [n, 7] address table; launches on `stream`.");
+
   m.def("device_count", &pyopt::cuda::device_count,
         "Visible CUDA devices; 0 when there is no driver or device. Never raises.");
 

@@ -138,3 +138,22 @@ def test_numba_backend_on_cuda_is_refused():
     p.grad = torch.ones(4, device="cuda")
     with pytest.raises(pyopt.BackendUnavailable, match="CPU only"):
         pyopt.optim.Adam([p], backend="numba").step()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("cls,kw", [
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1)),
+    ("SGD", dict(lr=0.05, maximize=True)),
+    ("RMSprop", dict(centered=True, momentum=0.8, weight_decay=0.1)),
+    ("RMSprop", dict()),
+])
+def test_sgd_rmsprop_cuda_bitwise_equal_to_cpu(cls, kw, dtype):
+    dt = DTYPES[dtype]
+    params = _params(dt, "cpu")
+    grads = _grads(params, 5)
+    opt_cls = getattr(pyopt.optim, cls)
+    cpu, _ = _run(opt_cls, params, grads, backend="native", **kw)
+    gpu, _ = _run(opt_cls, [p.cuda() for p in params], [[g.cuda() for g in gs] for gs in grads],
+                  backend="native", **kw)
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b.cpu())

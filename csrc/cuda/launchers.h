@@ -23,6 +23,16 @@ void adam_step(int64_t table_addr, int64_t n, double lr, double beta1, double be
                double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                int param_dtype, int state_dtype, int64_t stream);
 
+// Fused SGD over n rows of an int64 [n, kSgdCols] table; launches on `stream`.
+void sgd_step(int64_t table_addr, int64_t n, double lr, double momentum, double dampening,
+              double weight_decay, bool nesterov, bool maximize, int dtype, int64_t stream);
+
+// Fused RMSprop over n rows of an int64 [n, kRmsCols] table. Increments each
+// host float32 step counter, launches on `stream`.
+void rmsprop_step(int64_t table_addr, int64_t n, double lr, double alpha, double eps,
+                  double weight_decay, double momentum, bool centered, bool maximize, int dtype,
+                  int64_t stream);
+
 // Number of visible CUDA devices; 0 when there is no driver or device.
 // Never throws.
 int device_count() noexcept;

@@ -53,6 +53,63 @@ struct AdamOp {
   }
 };
 
+// SGD lists: 0 param, 1 grad, [2 momentum_buffer].
+struct SgdTensor {
+  int32_t first;  // the buffer is new: it becomes a copy of the gradient
+};
+
+template <typename T, bool MAXIMIZE, bool WD, int MOM>
+struct SgdOp {
+  using Lists = std::conditional_t<MOM != kNoMomentum, TypeList<T, T, T>, TypeList<T, T>>;
+  using PerTensor = SgdTensor;
+  static constexpr unsigned kWriteMask = MOM != kNoMomentum ? 0b101u : 0b01u;
+
+  SgdHyper h;
+
+  __device__ __forceinline__ void operator()(float (&x)[Lists::size], const SgdTensor& s) const {
+    if constexpr (MOM != kNoMomentum) {
+      sgd_math<MAXIMIZE, WD, MOM>(x[0], x[1], x[2], s.first != 0, h);
+    } else {
+      float unused = 0.0f;
+      sgd_math<MAXIMIZE, WD, MOM>(x[0], x[1], unused, false, h);
+    }
+  }
+};
+
+// RMSprop lists: 0 param, 1 grad, 2 square_avg, then momentum_buffer if MOM,
+// then grad_avg if CENTERED.
+struct NoTensorScalars {
+  int32_t unused;
+};
+
+template <typename T, bool MOM, bool CEN>
+struct RmspropLists;
+template <typename T>
+struct RmspropLists<T, false, false> { using type = TypeList<T, T, T>; };
+template <typename T>
+struct RmspropLists<T, true, false> { using type = TypeList<T, T, T, T>; };
+template <typename T>
+struct RmspropLists<T, false, true> { using type = TypeList<T, T, T, T>; };
+template <typename T>
+struct RmspropLists<T, true, true> { using type = TypeList<T, T, T, T, T>; };
+
+template <typename T, bool MAXIMIZE, bool WD, bool CEN, bool MOM>
+struct RmspropOp {
+  using Lists = typename RmspropLists<T, MOM, CEN>::type;
+  using PerTensor = NoTensorScalars;
+  static constexpr unsigned kWriteMask = (1u << Lists::size) - 1u - 0b10u;  // all but the grad
+
+  RmspropHyper h;
+
+  __device__ __forceinline__ void operator()(float (&x)[Lists::size],
+                                             const NoTensorScalars&) const {
+    float unused_b = 0.0f, unused_a = 0.0f;
+    float& buf = MOM ? x[3] : unused_b;
+    float& gavg = CEN ? x[3 + (MOM ? 1 : 0)] : unused_a;
+    rmsprop_math<MAXIMIZE, WD, CEN, MOM>(x[0], x[1], x[2], gavg, buf, h);
+  }
+};
+
 // ---------------------------------------------------------------------------
 // Host side.
 
@@ -160,7 +217,102 @@ void run_adam(const int64_t* table, int64_t n, double lr, double beta1, double b
   launcher.flush();
 }
 
+template <typename T, bool MAXIMIZE, bool WD, int MOM>
+void run_sgd(const int64_t* table, int64_t n, const SgdHyper& h, cudaStream_t stream) {
+  using Op = SgdOp<T, MAXIMIZE, WD, MOM>;
+  MultiTensorLauncher<Op> launcher(Op{h}, stream);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t* row = table + i * kSgdCols;
+    void* ptrs[Op::Lists::size];
+    ptrs[0] = from_addr<void>(row[kSgdParam]);
+    ptrs[1] = from_addr<void>(row[kSgdGrad]);
+    if constexpr (MOM != kNoMomentum) ptrs[2] = from_addr<void>(row[kSgdMomentum]);
+    launcher.add(ptrs, row[kSgdNumel], SgdTensor{static_cast<int32_t>(row[kSgdFirst] != 0)});
+  }
+  launcher.flush();
+}
+
+template <typename T, bool MAXIMIZE, bool WD, bool CEN, bool MOM>
+void run_rmsprop(const int64_t* table, int64_t n, const RmspropHyper& h, cudaStream_t stream) {
+  using Op = RmspropOp<T, MAXIMIZE, WD, CEN, MOM>;
+  MultiTensorLauncher<Op> launcher(Op{h}, stream);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t* row = table + i * kRmsCols;
+    *from_addr<float>(row[kRmsStep]) += 1.0f;
+    void* ptrs[Op::Lists::size];
+    ptrs[0] = from_addr<void>(row[kRmsParam]);
+    ptrs[1] = from_addr<void>(row[kRmsGrad]);
+    ptrs[2] = from_addr<void>(row[kRmsSquareAvg]);
+    if constexpr (MOM) ptrs[3] = from_addr<void>(row[kRmsMomentum]);
+    if constexpr (CEN) ptrs[3 + (MOM ? 1 : 0)] = from_addr<void>(row[kRmsGradAvg]);
+    launcher.add(ptrs, row[kRmsNumel], NoTensorScalars{0});
+  }
+  launcher.flush();
+}
+
 }  // namespace
+
+void sgd_step(int64_t table_addr, int64_t n, double lr, double momentum, double dampening,
+              double weight_decay, bool nesterov, bool maximize, int dtype, int64_t stream) {
+  if (n < 0) throw std::invalid_argument("pyopt CUDA sgd_step: n must be >= 0");
+  if (dtype < kFloat32 || dtype > kFloat16)
+    throw std::invalid_argument("pyopt CUDA sgd_step: unknown dtype code");
+  if (n == 0) return;
+  require_device();
+  SgdHyper h;
+  h.neg_lr = static_cast<float>(-lr);
+  h.weight_decay = static_cast<float>(weight_decay);
+  h.momentum = static_cast<float>(momentum);
+  h.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  const int mom = momentum == 0.0 ? kNoMomentum : (nesterov ? kNesterov : kHeavyBall);
+  const int64_t* table = from_addr<const int64_t>(table_addr);
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_bool(maximize, [&](auto mx) {
+      dispatch_bool(weight_decay != 0.0, [&](auto wd) {
+        const auto go = [&](auto m) {
+          run_sgd<T, decltype(mx)::value, decltype(wd)::value, decltype(m)::value>(table, n, h, s);
+        };
+        if (mom == kNoMomentum) go(std::integral_constant<int, kNoMomentum>{});
+        else if (mom == kHeavyBall) go(std::integral_constant<int, kHeavyBall>{});
+        else go(std::integral_constant<int, kNesterov>{});
+      });
+    });
+  });
+}
+
+void rmsprop_step(int64_t table_addr, int64_t n, double lr, double alpha, double eps,
+                  double weight_decay, double momentum, bool centered, bool maximize, int dtype,
+                  int64_t stream) {
+  if (n < 0) throw std::invalid_argument("pyopt CUDA rmsprop_step: n must be >= 0");
+  if (dtype < kFloat32 || dtype > kFloat16)
+    throw std::invalid_argument("pyopt CUDA rmsprop_step: unknown dtype code");
+  if (n == 0) return;
+  require_device();
+  RmspropHyper h;
+  h.neg_lr = static_cast<float>(-lr);
+  h.alpha = static_cast<float>(alpha);
+  h.one_minus_alpha = static_cast<float>(1.0 - alpha);
+  h.eps = static_cast<float>(eps);
+  h.weight_decay = static_cast<float>(weight_decay);
+  h.momentum = static_cast<float>(momentum);
+  const int64_t* table = from_addr<const int64_t>(table_addr);
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_bool(maximize, [&](auto mx) {
+      dispatch_bool(weight_decay != 0.0, [&](auto wd) {
+        dispatch_bool(centered, [&](auto cen) {
+          dispatch_bool(momentum > 0.0, [&](auto mom) {
+            run_rmsprop<T, decltype(mx)::value, decltype(wd)::value, decltype(cen)::value,
+                        decltype(mom)::value>(table, n, h, s);
+          });
+        });
+      });
+    });
+  });
+}
 
 void adam_step(int64_t table_addr, int64_t n, double lr, double beta1, double beta2, double eps,
                double weight_decay, bool amsgrad, bool maximize, bool decoupled,

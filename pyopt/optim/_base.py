@@ -236,10 +236,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Creates or normalises state, then the address tables. Call after _validate."""
         buckets: dict = {}
         for i, p in enumerate(ps):
-            st = self.state[p]
+            # Only params that end up with state get an entry, as in torch
+            # (plain SGD keeps none).
+            st = self.state.get(p)
+            if st is None:
+                st = ParamState(self.state)
             if len(st) == 0:
                 self._init_state(p, st, group)
             self._normalize_state(p, st, group)
+            if len(st) and p not in self.state:
+                self.state[p] = st
             b = buckets.get(p.dtype)
             if b is None:
                 b = buckets[p.dtype] = _Bucket(p.device, p.dtype)
