@@ -1,15 +1,17 @@
-"""Optimizer suite: one Adam(W) step, pyopt backends against torch.optim.
+"""Optimizer suite: one optimizer step, pyopt backends against torch.optim.
 
-Byte model per parameter (what a fused step must move at least once):
-read param, grad, exp_avg, exp_avg_sq and write param, exp_avg, exp_avg_sq,
-i.e. 7 x the element size (28 B fp32, 14 B bf16). Achieved GB/s is that
-traffic over the median step time; ``of_rmw`` is it as a fraction of the
-same-run in-place read-modify-write bandwidth, the wall this op can reach.
+Byte model per parameter (what a fused step must move at least once): every
+tensor the step reads once and every tensor it writes once. AdamW reads
+param, grad, exp_avg, exp_avg_sq and writes three of them: 7 x the element
+size (28 B fp32, 14 B bf16). SGD with momentum and plain RMSprop read three
+and write two: 5 x. Achieved GB/s is that traffic over the median step time;
+``of_rmw`` is it as a fraction of the in-place read-modify-write bandwidth
+timed in alternation with the case, the wall this kind of op can reach.
 """
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +26,9 @@ class Case:
     name: str
     sizes: list
     dtype: torch.dtype
+    optimizer: str = "AdamW"
+    kwargs: dict = field(default_factory=dict)
+    lists: int = 7                 # tensors moved per param (byte model above)
     cache_resident: bool = False
 
     @property
@@ -32,30 +37,48 @@ class Case:
 
 
 def cases(device: str, quick: bool) -> list[Case]:
+    sgd = dict(optimizer="SGD", kwargs={"lr": 1e-3, "momentum": 0.9}, lists=5)
+    rms = dict(optimizer="RMSprop", kwargs={"lr": 1e-3}, lists=5)
     if device == "cuda":
-        return [Case("100M fp32", [100 << 20], torch.float32),
-                Case("100M bf16", [100 << 20], torch.bfloat16),
-                Case("2000 x 50K fp32", [50_000] * 2000, torch.float32)]
-    return [Case("64M fp32", [64 << 20], torch.float32),
-            Case("1M fp32", [1 << 20], torch.float32, cache_resident=True),
-            Case("200 x 80K fp32", [80_000] * 200, torch.float32),
-            Case("2000 x 1K fp32", [1024] * 2000, torch.float32),
-            Case("16M bf16", [16 << 20], torch.bfloat16)]
+        return [Case("AdamW 100M fp32", [100 << 20], torch.float32),
+                Case("AdamW 100M bf16", [100 << 20], torch.bfloat16),
+                Case("AdamW 2000 x 50K fp32", [50_000] * 2000, torch.float32),
+                Case("SGD momentum 100M fp32", [100 << 20], torch.float32, **sgd),
+                Case("RMSprop 100M fp32", [100 << 20], torch.float32, **rms)]
+    return [Case("AdamW 64M fp32", [64 << 20], torch.float32),
+            Case("AdamW 1M fp32", [1 << 20], torch.float32, cache_resident=True),
+            Case("AdamW 200 x 80K fp32", [80_000] * 200, torch.float32),
+            Case("AdamW 2000 x 1K fp32", [1024] * 2000, torch.float32),
+            Case("AdamW 16M bf16", [16 << 20], torch.bfloat16),
+            Case("SGD momentum 64M fp32", [64 << 20], torch.float32, **sgd),
+            Case("RMSprop 64M fp32", [64 << 20], torch.float32, **rms)]
 
 
-def impls(device: str) -> dict:
+# torch.optim classes that have a fused CPU/CUDA implementation.
+_TORCH_FUSED = {"Adam", "AdamW", "SGD"}
+
+
+def impls(device: str, case: Case | None = None) -> dict:
     """{name: (factory or None, reason)}; factory(params) -> optimizer."""
+    opt = case.optimizer if case else "AdamW"
+    kw = case.kwargs if case else {}
+    ours, theirs = getattr(pyopt.optim, opt), getattr(torch.optim, opt)
     out = {}
     for b in ("native", "numba"):
         ok, why = _backends.availability(b, device)
-        out[f"pyopt {b}"] = ((lambda ps, b=b: pyopt.optim.AdamW(ps, backend=b)) if ok else None, why)
-    out["torch foreach=False"] = (lambda ps: torch.optim.AdamW(ps, foreach=False), "")
-    out["torch foreach=True"] = (lambda ps: torch.optim.AdamW(ps, foreach=True), "")
-    out["torch fused=True"] = (lambda ps: torch.optim.AdamW(ps, fused=True), "")
+        out[f"pyopt {b}"] = ((lambda ps, b=b: ours(ps, backend=b, **kw)) if ok else None, why)
+    out["torch foreach=False"] = (lambda ps: theirs(ps, foreach=False, **kw), "")
+    out["torch foreach=True"] = (lambda ps: theirs(ps, foreach=True, **kw), "")
+    if opt in _TORCH_FUSED:
+        out["torch fused=True"] = (lambda ps: theirs(ps, fused=True, **kw), "")
+    else:
+        out["torch fused=True"] = (None, f"torch.optim.{opt} has no fused implementation")
     return out
 
 
-BASELINE = "torch fused=True"
+def baseline(case: Case) -> str:
+    """What pyopt is compared with: torch's fastest implementation of the optimizer."""
+    return "torch fused=True" if case.optimizer in _TORCH_FUSED else "torch foreach=True"
 
 
 def run(device="cpu", quick=False, min_time=None, progress=None, only=None) -> list[dict]:
@@ -63,8 +86,6 @@ def run(device="cpu", quick=False, min_time=None, progress=None, only=None) -> l
     in-place RMW reference; returns one record each."""
     min_time = min_time if min_time is not None else (0.3 if quick else 1.0)
     sync = torch.cuda.synchronize if device == "cuda" else None
-    table = impls(device)
-    names = [BASELINE] + [k for k in table if k != BASELINE and (not only or k in only)]
     records = []
     n_rmw = 64 << 20   # 256 MiB fp32 arrays, 12 B/elem
     x = torch.rand(n_rmw, device=device)
@@ -75,13 +96,17 @@ def run(device="cpu", quick=False, min_time=None, progress=None, only=None) -> l
         gen = torch.Generator().manual_seed(0)
         p0 = [torch.randn(n, generator=gen).to(device, case.dtype) for n in case.sizes]
         grads = [torch.randn(n, generator=gen).to(device, case.dtype) for n in case.sizes]
+        table = impls(device, case)
+        base_name = baseline(case)
+        names = [base_name] + [k for k in table if k != base_name and (not only or k in only)]
         expect, steps, recs = None, {"rmw": lambda: y.add_(x, alpha=1e-9)}, {}
         for name in names:
             factory, why = table[name]
             rec = {"suite": "optim", "device": device, "case": case.name, "impl": name,
                    "numel": case.numel, "tensors": len(case.sizes),
                    "dtype": str(case.dtype).replace("torch.", ""),
-                   "bytes_per_step": 7 * case.numel * case.dtype.itemsize}
+                   "optimizer": case.optimizer, "baseline": base_name,
+                   "bytes_per_step": case.lists * case.numel * case.dtype.itemsize}
             records.append(rec)
             if factory is None:
                 rec.update(status="unavailable", reason=why)
@@ -109,13 +134,13 @@ def run(device="cpu", quick=False, min_time=None, progress=None, only=None) -> l
         timings = interleaved(steps, min_time=min_time, sync=sync, cuda=device == "cuda",
                               burst=20 if case.cache_resident else 1)
         rmw = 12 * n_rmw / timings["rmw"].median / 1e9
-        base = timings.get(BASELINE)
+        base = timings.get(base_name)
         for name, rec in recs.items():
             t = timings[name]
             gbps = rec["bytes_per_step"] / t.median / 1e9
             rec.update(status="ok", median_ms=t.median * 1e3, iqr_ms=t.iqr * 1e3, reps=t.reps,
                        gbps=gbps, rmw_gbps=rmw, of_rmw=gbps / rmw,
-                       speedup_vs_fused=base.median / t.median if base else None)
+                       speedup=base.median / t.median if base else None)
         del p0, grads, expect, steps, recs
         gc.collect()
     return records
