@@ -25,3 +25,39 @@ def adam_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
       eps, weight_decay, amsgrad, maximize, decoupled) -> None:
     return None
+
+
+@torch.library.custom_op("pyopt::sgd_step_", mutates_args=("params", "momentum_buffers"))
+def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+              lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+              maximize: bool, first_step: bool) -> None:
+    """In-place fused SGD step (see pyopt.optim.functional.sgd)."""
+    from .optim.functional import sgd
+    sgd(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
+        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step)
+
+
+@sgd_step_.register_fake
+def _(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
+      maximize, first_step) -> None:
+    return None
+
+
+@torch.library.custom_op("pyopt::rmsprop_step_",
+                         mutates_args=("params", "square_avgs", "momentum_buffers", "grad_avgs",
+                                       "state_steps"))
+def rmsprop_step_(params: list[Tensor], grads: list[Tensor], square_avgs: list[Tensor],
+                  momentum_buffers: list[Tensor], grad_avgs: list[Tensor],
+                  state_steps: list[Tensor], lr: float, alpha: float, eps: float,
+                  weight_decay: float, momentum: float, centered: bool, maximize: bool) -> None:
+    """In-place fused RMSprop step (see pyopt.optim.functional.rmsprop)."""
+    from .optim.functional import rmsprop
+    rmsprop(params, grads, square_avgs, momentum_buffers, grad_avgs, state_steps, lr=lr,
+            alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+            centered=centered, maximize=maximize)
+
+
+@rmsprop_step_.register_fake
+def _(params, grads, square_avgs, momentum_buffers, grad_avgs, state_steps, lr, alpha, eps,
+      weight_decay, momentum, centered, maximize) -> None:
+    return None

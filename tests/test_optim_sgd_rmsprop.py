@@ -186,3 +186,41 @@ def test_bad_input_raises_cleanly(case):
         print("RAISED-OK")
     """)
     assert r.returncode == 0 and "RAISED-OK" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("cls,kw", [("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
+                                    ("SGD", {"lr": 0.05}),
+                                    ("RMSprop", {"lr": 1e-2, "momentum": 0.5, "centered": True})])
+def test_opcheck_and_compiled_training_matches_eager(cls, kw):
+    import copy
+
+    from pyopt import _ops  # noqa: F401
+    ps = [torch.randn(5), torch.randn(3, 4)]
+    gs = [torch.randn_like(p) for p in ps]
+    if cls == "SGD":
+        torch.library.opcheck(torch.ops.pyopt.sgd_step_.default,
+                              (ps, gs, [torch.zeros_like(p) for p in ps], 0.1, 0.9, 0.0, 0.0,
+                               False, False, True))
+    else:
+        torch.library.opcheck(torch.ops.pyopt.rmsprop_step_.default,
+                              (ps, gs, [torch.zeros_like(p) for p in ps],
+                               [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
+                               [torch.tensor(0.0) for _ in ps], 1e-2, 0.99, 1e-8, 0.0, 0.9, True,
+                               False))
+    m1 = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    m2 = copy.deepcopy(m1)
+    o1, o2 = (getattr(pyopt.optim, cls)(m.parameters(), **kw) for m in (m1, m2))
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+
+    def train(m, o):
+        loss = torch.nn.functional.mse_loss(m(x), y)
+        loss.backward()
+        o.step()
+        o.zero_grad()
+        return loss
+
+    compiled = torch.compile(train)
+    for _ in range(4):
+        a, b = train(m1, o1), compiled(m2, o2)
+        assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    torch.testing.assert_close(list(m1.parameters()), list(m2.parameters()), rtol=1e-5, atol=1e-6)

@@ -106,3 +106,16 @@ class RMSprop(FusedOptimizer):
                     lr=_checks.scalar(group["lr"], "lr"), alpha=float(group["alpha"]),
                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                     momentum=momentum, centered=centered, maximize=bool(group["maximize"]))
+
+    def _run_op(self, group, ps, gs):
+        from .. import _ops  # noqa: F401  (registers torch.ops.pyopt)
+        sts = [self.state[p] for p in ps]
+        for p, st in zip(ps, sts):
+            self._normalize_state(p, st, group)
+        momentum, centered = float(group["momentum"]), bool(group["centered"])
+        torch.ops.pyopt.rmsprop_step_(
+            ps, gs, [s["square_avg"] for s in sts],
+            [s["momentum_buffer"] for s in sts] if momentum > 0 else [],
+            [s["grad_avg"] for s in sts] if centered else [], [s["step"] for s in sts],
+            float(group["lr"]), float(group["alpha"]), float(group["eps"]),
+            float(group["weight_decay"]), momentum, centered, bool(group["maximize"]))

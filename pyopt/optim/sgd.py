@@ -104,3 +104,22 @@ class SGD(FusedOptimizer):
                 weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
                 maximize=bool(group["maximize"]))
         b.table[:, 3] = 0
+
+    def _run_op(self, group, ps, gs):
+        from .. import _ops  # noqa: F401  (registers torch.ops.pyopt)
+        kw = dict(lr=float(group["lr"]), momentum=float(group["momentum"]),
+                  dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
+                  nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
+        if kw["momentum"] == 0:
+            torch.ops.pyopt.sgd_step_(ps, gs, [], first_step=False, **kw)
+            return
+        new = [i for i, p in enumerate(ps) if self.state[p].get("momentum_buffer") is None]
+        for i in new:
+            self.state[ps[i]]["momentum_buffer"] = torch.zeros_like(
+                ps[i], memory_format=torch.preserve_format)
+        old = [i for i in range(len(ps)) if i not in set(new)]
+        for idx, first in ((new, True), (old, False)):
+            if idx:
+                torch.ops.pyopt.sgd_step_(
+                    [ps[i] for i in idx], [gs[i] for i in idx],
+                    [self.state[ps[i]]["momentum_buffer"] for i in idx], first_step=first, **kw)
