@@ -92,3 +92,20 @@ def grad(p: torch.Tensor, g: torch.Tensor, where: str, optimizer: str) -> None:
     if not same_layout:
         raise ValueError(f"{where}: gradient strides {g.stride()} differ from parameter "
                          f"strides {p.stride()}; make the gradient match the parameter layout")
+
+
+def mask(p: torch.Tensor, m, where: str) -> None:
+    """A pruning mask the kernels can read next to ``p``: one byte per element."""
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"{where}: mask must be a Tensor, got {type(m).__name__}")
+    if m.dtype not in (torch.bool, torch.uint8):
+        raise TypeError(f"{where}: mask dtype must be torch.bool or torch.uint8, got {m.dtype}")
+    if m.shape != p.shape:
+        raise ValueError(f"{where}: mask shape {tuple(m.shape)} differs from parameter shape "
+                         f"{tuple(p.shape)}")
+    if m.device != p.device:
+        raise ValueError(f"{where}: mask on {m.device} but parameter on {p.device}")
+    same_layout = m.is_contiguous() if p.is_contiguous() else m.stride() == p.stride()
+    if m.layout is not torch.strided or not same_layout:
+        raise ValueError(f"{where}: mask strides {m.stride()} differ from parameter strides "
+                         f"{p.stride()}; pass a mask with the parameter's memory layout")

@@ -1,6 +1,10 @@
 // The address table that Python (pyopt/_checks.py) builds for one optimizer
 // call. One row per tensor, int64 each; rows are validated in Python before the
 // table's address reaches native code.
+//
+// Every table ends with a mask column: a bool/uint8 tensor of the param's
+// shape and layout; positions where it is 0 are written as exact zeros in the
+// param and every state list after the update (pruned weights stay pruned).
 #pragma once
 #include <cstdint>
 
@@ -14,7 +18,8 @@ enum AdamCol : int {
   kAdamMaxExpAvgSq = 4,  // max_exp_avg_sq (state dtype), 0 unless amsgrad
   kAdamStep = 5,      // host address of the float32 CPU step tensor
   kAdamNumel = 6,     // element count
-  kAdamCols = 7,
+  kAdamMask = 7,      // uint8/bool mask (0 = pruned), 0 when the param has none
+  kAdamCols = 8,
 };
 
 enum SgdCol : int {
@@ -23,7 +28,8 @@ enum SgdCol : int {
   kSgdMomentum = 2,   // momentum_buffer (param dtype), 0 without momentum
   kSgdFirst = 3,      // 1: the buffer is new and starts as a copy of the gradient
   kSgdNumel = 4,
-  kSgdCols = 5,
+  kSgdMask = 5,
+  kSgdCols = 6,
 };
 
 enum RmspropCol : int {
@@ -34,7 +40,8 @@ enum RmspropCol : int {
   kRmsGradAvg = 4,    // grad_avg, 0 unless centered
   kRmsStep = 5,       // host address of the float32 CPU step tensor
   kRmsNumel = 6,
-  kRmsCols = 7,
+  kRmsMask = 7,
+  kRmsCols = 8,
 };
 
 }  // namespace pyopt

@@ -20,6 +20,7 @@ struct AdamCall {
   bool amsgrad, maximize;
   int wd_mode;                         // WeightDecay
   int param_dtype, state_dtype;        // DType
+  float grad_inv_scale;                // 1: none; else grads are unscaled in place first
 };
 
 struct SgdCall {
@@ -30,6 +31,7 @@ struct SgdCall {
   bool maximize, weight_decay;
   int momentum;                        // Momentum
   int dtype;                           // DType of params, grads and buffers
+  float grad_inv_scale;
 };
 
 struct RmspropCall {
@@ -39,6 +41,7 @@ struct RmspropCall {
   RmspropHyper hyper;
   bool maximize, weight_decay, centered, momentum;
   int dtype;
+  float grad_inv_scale;
 };
 
 // Processes elements [begin, end) of the concatenation of all tensors.
@@ -53,14 +56,18 @@ void rmsprop_range_baseline(const RmspropCall& call, int64_t begin, int64_t end)
 void rmsprop_range_avx2(const RmspropCall& call, int64_t begin, int64_t end);
 void rmsprop_range_avx512(const RmspropCall& call, int64_t begin, int64_t end);
 
+// grad_inv_scale (GradScaler's 1 / scale, 1 for none) multiplies every grad
+// in place before the update, as torch's fused optimizers do.
 void sgd_step_cpu(int64_t table_addr, int64_t n, double lr, double momentum, double dampening,
-                  double weight_decay, bool nesterov, bool maximize, int dtype, int nthreads);
+                  double weight_decay, bool nesterov, bool maximize, int dtype,
+                  double grad_inv_scale, int nthreads);
 void rmsprop_step_cpu(int64_t table_addr, int64_t n, double lr, double alpha, double eps,
                       double weight_decay, double momentum, bool centered, bool maximize,
-                      int dtype, int nthreads);
+                      int dtype, double grad_inv_scale, int nthreads);
 
 void adam_step_cpu(int64_t table_addr, int64_t n, double lr, double beta1, double beta2,
                    double eps, double weight_decay, bool amsgrad, bool maximize,
-                   bool decoupled, int param_dtype, int state_dtype, int nthreads);
+                   bool decoupled, int param_dtype, int state_dtype, double grad_inv_scale,
+                   int nthreads);
 
 }  // namespace pyopt

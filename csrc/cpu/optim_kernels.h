@@ -156,6 +156,71 @@ static void for_each_row(const int64_t* table, int cols, int64_t n, const int64_
   }
 }
 
+// What happens around the update of each row, for every optimizer: grads
+// unscaled in place first (GradScaler), masked positions zeroed after. Both
+// run on chunks that stay in L1/L2 between the passes, so neither costs an
+// extra trip to memory.
+struct RowExtras {
+  int cols;
+  int mask_col;
+  int nlists;          // list columns 0..nlists-1; column 1 is the grad
+  int elem[5];         // bytes per element of each list column
+  int grad_dtype;
+  float inv_scale;     // 1: no unscaling
+};
+
+static void unscale_grad(int64_t addr, int dtype, int64_t off, int64_t k, float inv) {
+  if (dtype == kFloat32) {
+    float* g = reinterpret_cast<float*>(addr) + off;
+    for (int64_t i = 0; i < k; ++i) g[i] = g[i] * inv;
+    return;
+  }
+  alignas(64) float buf[kBlock];
+  for (int64_t i0 = 0; i0 < k; i0 += kBlock) {
+    const int64_t b = k - i0 < kBlock ? k - i0 : kBlock;
+    if (dtype == kBFloat16) {
+      bf16* g = reinterpret_cast<bf16*>(addr) + off + i0;
+      load_block(g, buf, b);
+      for (int64_t i = 0; i < b; ++i) buf[i] *= inv;
+      store_block(buf, g, b);
+    } else {
+      f16* g = reinterpret_cast<f16*>(addr) + off + i0;
+      load_block(g, buf, b);
+      for (int64_t i = 0; i < b; ++i) buf[i] *= inv;
+      store_block(buf, g, b);
+    }
+  }
+}
+
+template <typename U>
+static void zero_masked(int64_t addr, const uint8_t* __restrict mask, int64_t off, int64_t k) {
+  U* __restrict d = reinterpret_cast<U*>(addr) + off;
+  for (int64_t i = 0; i < k; ++i) d[i] = mask[i] ? d[i] : U(0);
+}
+
+template <typename Fn>
+static void run_rows(const int64_t* table, int64_t n, const int64_t* offsets, int64_t begin,
+                     int64_t end, const RowExtras& x, const Fn& fn) {
+  constexpr int64_t kChunk = 4096;
+  for_each_row(table, x.cols, n, offsets, begin, end,
+               [&](const int64_t* row, int64_t off, int64_t len) {
+    const uint8_t* mask = reinterpret_cast<const uint8_t*>(row[x.mask_col]);
+    const bool scale = x.inv_scale != 1.0f;
+    if (!scale && mask == nullptr) return fn(row, off, len);
+    for (int64_t c = off; c < off + len; c += kChunk) {
+      const int64_t k = off + len - c < kChunk ? off + len - c : kChunk;
+      if (scale) unscale_grad(row[1], x.grad_dtype, c, k, x.inv_scale);
+      fn(row, c, k);
+      if (mask == nullptr) continue;
+      for (int l = 0; l < x.nlists; ++l) {
+        if (l == 1 || row[l] == 0) continue;
+        if (x.elem[l] == 4) zero_masked<uint32_t>(row[l], mask + c, c, k);
+        else zero_masked<uint16_t>(row[l], mask + c, c, k);
+      }
+    }
+  });
+}
+
 template <typename T, bool MAX, bool WD, int MOM>
 static void sgd_row(const int64_t* row, int64_t off, int64_t len, const SgdHyper& h) {
   T* const ptr[3] = {list_at<T>(row, kSgdParam, off), list_at<T>(row, kSgdGrad, off),
@@ -201,9 +266,11 @@ static void rmsprop_row(const int64_t* row, int64_t off, int64_t len, const Rmsp
 // branches inside.
 template <typename T>
 static void sgd_dispatch(const SgdCall& c, int64_t begin, int64_t end) {
+  const int e = sizeof(T);
+  const RowExtras x{kSgdCols, kSgdMask, 3, {e, e, e, 0, 0}, c.dtype, c.grad_inv_scale};
   const auto go = [&](auto fn) {
-    for_each_row(c.table, kSgdCols, c.n, c.offsets, begin, end,
-                 [&](const int64_t* row, int64_t off, int64_t len) { fn(row, off, len, c.hyper); });
+    run_rows(c.table, c.n, c.offsets, begin, end, x,
+             [&](const int64_t* row, int64_t off, int64_t len) { fn(row, off, len, c.hyper); });
   };
 #define PYOPT_SGD(MAX, WD, MOM)                                             \
   if (c.maximize == MAX && c.weight_decay == WD && c.momentum == MOM) \
@@ -219,9 +286,11 @@ static void sgd_dispatch(const SgdCall& c, int64_t begin, int64_t end) {
 
 template <typename T>
 static void rmsprop_dispatch(const RmspropCall& c, int64_t begin, int64_t end) {
+  const int e = sizeof(T);
+  const RowExtras x{kRmsCols, kRmsMask, 5, {e, e, e, e, e}, c.dtype, c.grad_inv_scale};
   const auto go = [&](auto fn) {
-    for_each_row(c.table, kRmsCols, c.n, c.offsets, begin, end,
-                 [&](const int64_t* row, int64_t off, int64_t len) { fn(row, off, len, c.hyper); });
+    run_rows(c.table, c.n, c.offsets, begin, end, x,
+             [&](const int64_t* row, int64_t off, int64_t len) { fn(row, off, len, c.hyper); });
   };
 #define PYOPT_RMS(MAX, WD, CEN, MOM)                                                     \
   if (c.maximize == MAX && c.weight_decay == WD && c.centered == CEN && c.momentum == MOM) \
@@ -239,17 +308,13 @@ static void rmsprop_dispatch(const RmspropCall& c, int64_t begin, int64_t end) {
 void PYOPT_CAT(adam_range, PYOPT_ISA)(const AdamCall& c, int64_t begin, int64_t end) {
   const PYOPT_ISA::AdamRowFn fn = PYOPT_ISA::pick(c);
   if (fn == nullptr || begin >= end) return;
-  // First tensor whose range [offsets[t], offsets[t+1]) contains begin.
-  int64_t lo = 0, hi = c.n;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (c.offsets[mid + 1] <= begin) lo = mid + 1; else hi = mid;
-  }
-  for (int64_t t = lo; t < c.n && c.offsets[t] < end; ++t) {
-    const int64_t a = begin > c.offsets[t] ? begin : c.offsets[t];
-    const int64_t b = end < c.offsets[t + 1] ? end : c.offsets[t + 1];
-    if (b > a) fn(c.table + t * kAdamCols, a - c.offsets[t], b - a, c.hyper, c.scalars[t]);
-  }
+  const int pe = c.param_dtype == kFloat32 ? 4 : 2, se = c.state_dtype == kFloat32 ? 4 : 2;
+  const PYOPT_ISA::RowExtras x{kAdamCols, kAdamMask, 5, {pe, pe, se, se, se}, c.param_dtype,
+                               c.grad_inv_scale};
+  PYOPT_ISA::run_rows(c.table, c.n, c.offsets, begin, end, x,
+                      [&](const int64_t* row, int64_t off, int64_t len) {
+    fn(row, off, len, c.hyper, c.scalars[(row - c.table) / kAdamCols]);
+  });
 }
 
 void PYOPT_CAT(sgd_range, PYOPT_ISA)(const SgdCall& c, int64_t begin, int64_t end) {

@@ -10,6 +10,7 @@ full checks in pyopt._checks, which raise a precise error or rebuild the plan.
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 
 import numpy as np
@@ -24,7 +25,7 @@ class _Bucket:
 
     __slots__ = ("pos", "params", "states", "steps", "nbytes", "strides", "table",
                  "device", "dev_index", "dtype", "backend", "pptrs", "state_ids", "getters",
-                 "keep")
+                 "keep", "masks", "masked")
 
     def __init__(self, device, dtype):
         self.device, self.dtype = device, dtype
@@ -32,10 +33,12 @@ class _Bucket:
         self.pos, self.params, self.states, self.steps, self.nbytes = [], [], [], [], []
         self.strides = None   # per-param strides when some param is dense but not contiguous
 
-    def finish(self, state_keys, grads, backend_request, extra_column):
+    def finish(self, state_keys, grads, backend_request, extra_column, masks):
         n, k = len(self.params), len(state_keys)
-        # columns: param, grad, state tensors..., step, numel
-        self.table = np.zeros((n, k + 4), dtype=np.int64)
+        # columns: param, grad, state tensors..., step, numel, mask
+        self.table = np.zeros((n, k + 5), dtype=np.int64)
+        self.masks = [masks.get(p) for p in self.params]
+        self.masked = any(m is not None for m in self.masks)
         for i, (p, g, st, step) in enumerate(zip(self.params, grads, self.states, self.steps)):
             self.table[i, 0] = p.data_ptr()
             self.table[i, 1] = g.data_ptr()
@@ -44,6 +47,7 @@ class _Bucket:
                 self.table[i, 2 + j] = 0 if t is None else t.data_ptr()
             self.table[i, k + 2] = extra_column(st)
             self.table[i, k + 3] = p.numel()
+            self.table[i, k + 4] = 0 if self.masks[i] is None else self.masks[i].data_ptr()
         self.pptrs = self.table[:, 0].tolist()
         if not all(p.is_contiguous() for p in self.params):
             self.strides = [p.stride() for p in self.params]
@@ -117,6 +121,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults, backend):
         self._backend = _backends.requested(backend)
         self._plans: dict[int, _Plan] = {}
+        self._masks: dict = {}
         super().__init__(params, defaults)
         self.state = OptimizerState(self.state)
 
@@ -125,6 +130,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_backend", _backends.requested(None))
         self._plans = {}
+        self.__dict__.setdefault("_masks", {})
         self.state = OptimizerState(self.state)
 
     def add_param_group(self, param_group):
@@ -135,6 +141,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Plans hold raw addresses; never pickle them.
         d = dict(super().__getstate__())
         d.pop("_plans", None)
+        d["_backend"] = self._backend
+        d["_masks"] = self._masks
         return d
 
     def state_dict(self):
@@ -163,7 +171,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        inv_scale = 1.0
+        if grad_scale is not None or found_inf is not None:
+            inv_scale = self._amp_inv_scale(grad_scale, found_inf)
+            if inv_scale is None:   # found_inf: skip the step, change nothing
+                return loss
         if torch.compiler.is_compiling():
+            if inv_scale != 1.0 or self._masks:
+                raise NotImplementedError("pyopt: GradScaler and masks are not supported "
+                                          "inside torch.compile yet; step outside the compiled region")
             # Traced: no cached addresses; each group becomes one pyopt:: op.
             for group in self.param_groups:
                 ps = [p for p in group["params"] if p.grad is not None]
@@ -207,8 +225,64 @@ class FusedOptimizer(torch.optim.Optimizer):
                     bps, bgs = ps, gs
                 else:
                     bps, bgs = [ps[i] for i in b.pos], [gs[i] for i in b.pos]
-                self._run(b, bps, bgs, group)
+                # The CPU kernels unscale grads and apply masks inside the
+                # update; other backends get the same result in extra passes.
+                fused = b.backend == "native" and b.device.type == "cpu"
+                if inv_scale != 1.0 and not fused:
+                    torch._foreach_mul_(bgs, inv_scale)
+                self._run(b, bps, bgs, group, inv_scale if fused else 1.0)
+                if b.masked and not fused:
+                    self._mask_states(b)
         return loss
+
+    # -- AMP and masks --------------------------------------------------------
+    _step_supports_amp_scaling = True   # GradScaler sets grad_scale / found_inf
+
+    def _amp_inv_scale(self, grad_scale, found_inf):
+        """1 / grad_scale as a float, or None when found_inf says to skip."""
+        for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.numel() != 1
+                                  or not t.is_floating_point()):
+                raise TypeError(f"{self._NAME}: {name} must be a 1-element floating tensor")
+        devices = {g["params"][0].device.type for g in self.param_groups if g["params"]}
+        for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+            if t is not None and t.device.type not in devices:
+                raise ValueError(f"{self._NAME}: {name} is on {t.device} but the params are on "
+                                 f"{', '.join(sorted(devices))}; create the GradScaler for the "
+                                 "params' device, e.g. torch.amp.GradScaler('cpu')")
+        if found_inf is not None and found_inf.item() != 0:
+            return None
+        if grad_scale is None:
+            return 1.0
+        scale = grad_scale.item()
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"{self._NAME}: grad_scale must be positive and finite, got {scale}")
+        return 1.0 / scale
+
+    def set_mask(self, param, mask):
+        """Keep ``param`` pruned: after every step, positions where ``mask`` is
+        False (or 0) are exact zeros in the param and in all of its optimizer
+        state. ``mask`` is a bool or uint8 tensor with the param's shape,
+        device and memory layout. ``mask=None`` removes it."""
+        if mask is None:
+            self._masks.pop(param, None)
+        else:
+            if not any(param is p for g in self.param_groups for p in g["params"]):
+                raise ValueError(f"{self._NAME}.set_mask: the tensor is not a param of this optimizer")
+            _checks.mask(param, mask, f"{self._NAME}.set_mask")
+            self._masks[param] = mask
+        self._plans = {}
+
+    def _mask_states(self, b):
+        for p, st, m in zip(b.params, b.states, b.masks):
+            if m is None:
+                continue
+            drop = m.logical_not() if m.dtype == torch.bool else m.eq(0)
+            p.masked_fill_(drop, 0)
+            for k in self.STATE_KEYS:
+                t = st.get(k)
+                if isinstance(t, torch.Tensor):
+                    t.masked_fill_(drop, 0)
 
     # -- plans ---------------------------------------------------------------
     def _validate(self, gi, group, ps, gs) -> None:
@@ -224,6 +298,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             elif p.device != device:
                 raise ValueError(f"{name}: all params of one group must be on one device; "
                                  f"param_groups[{gi}] has params on {device} and {p.device}")
+            m = self._masks.get(p)
+            if m is not None:
+                _checks.mask(p, m, where)
             st = self.state.get(p)
             for k in self.STATE_KEYS if st else ():
                 t = st.get(k)
@@ -258,7 +335,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         plan.params, plan.flags = list(ps), flags
         plan.buckets = list(buckets.values())
         for b in plan.buckets:
-            b.finish(self.STATE_KEYS, [gs[i] for i in b.pos], self._backend, self._extra_column)
+            b.finish(self.STATE_KEYS, [gs[i] for i in b.pos], self._backend, self._extra_column,
+                     self._masks)
         plan.state = self.state
         return plan
 

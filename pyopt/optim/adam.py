@@ -23,7 +23,7 @@ def _flag_check(foreach, capturable, differentiable, fused):
 
 def run_adam(backend, bucket_or_none, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
              steps, table, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-             decoupled):
+             decoupled, grad_inv_scale=1.0):
     """Call one backend on already-validated tensors of one (device, dtype)."""
     dtype = params[0].dtype
     code = _checks.DTYPE_CODES[dtype]
@@ -34,7 +34,7 @@ def run_adam(backend, bucket_or_none, params, grads, exp_avgs, exp_avg_sqs, max_
             _backends.cuda_module().adam_step(table.ctypes.data, len(params), *args, stream)
         else:
             _backends.cpu_module().adam_step(table.ctypes.data, len(params), *args,
-                                             torch.get_num_threads())
+                                             grad_inv_scale, torch.get_num_threads())
     elif backend == "numba":
         from .._numba import optim as nb
         nb.adam_step(table, len(params), *args, torch.get_num_threads())
@@ -104,7 +104,7 @@ class Adam(FusedOptimizer):
             st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         super()._normalize_state(p, st, group)
 
-    def _run(self, b, ps, gs, group):
+    def _run(self, b, ps, gs, group, grad_inv_scale):
         amsgrad = bool(group["amsgrad"])
         beta1, beta2 = group["betas"]
         lists = ([], [], [])
@@ -115,7 +115,7 @@ class Adam(FusedOptimizer):
                  lr=_checks.scalar(group["lr"], "lr"), beta1=float(beta1), beta2=float(beta2),
                  eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                  amsgrad=amsgrad, maximize=bool(group["maximize"]),
-                 decoupled=bool(group["decoupled_weight_decay"]))
+                 decoupled=bool(group["decoupled_weight_decay"]), grad_inv_scale=grad_inv_scale)
 
 
     def _run_op(self, group, ps, gs):

@@ -57,10 +57,10 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, 
         ps, gs, ms, vs, ss = (sel(params), sel(grads), sel(exp_avgs), sel(exp_avg_sqs),
                               sel(state_steps))
         vms = sel(max_exp_avg_sqs) if amsgrad else []
-        table = np.zeros((len(idx), 7), dtype=np.int64)
+        table = np.zeros((len(idx), 8), dtype=np.int64)   # last column: no mask
         for r, (p, g, m, v, s) in enumerate(zip(ps, gs, ms, vs, ss)):
-            table[r] = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
-                        vms[r].data_ptr() if amsgrad else 0, s.data_ptr(), p.numel())
+            table[r, :7] = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
+                            vms[r].data_ptr() if amsgrad else 0, s.data_ptr(), p.numel())
         run_adam(backend_name, None, ps, gs, ms, vs, vms, ss, table, lr=lr, beta1=float(beta1),
                  beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
                  amsgrad=bool(amsgrad), maximize=bool(maximize), decoupled=bool(decoupled))
@@ -113,9 +113,9 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
     buckets, device = _validated_buckets("SGD", params, grads, {"momentum_buffers": bufs})
     backend_name = _backends.resolve(_backends.requested(backend), device.type)
     for idx in buckets.values():
-        table = np.zeros((len(idx), 5), dtype=np.int64)
+        table = np.zeros((len(idx), 6), dtype=np.int64)
         for r, i in enumerate(idx):
-            table[r] = (params[i].data_ptr(), grads[i].data_ptr(),
+            table[r, :5] = (params[i].data_ptr(), grads[i].data_ptr(),
                         bufs[i].data_ptr() if bufs else 0, int(first_step), params[i].numel())
         run_sgd(backend_name, [params[i] for i in idx], [grads[i] for i in idx],
                 [bufs[i] for i in idx] if bufs else [], table, lr=_checks.scalar(lr, "lr"),
@@ -139,9 +139,9 @@ def rmsprop(params, grads, square_avgs, momentum_buffers, grad_avgs, state_steps
         {"square_avgs": square_avgs, "momentum_buffers": bufs, "grad_avgs": gavg}, state_steps)
     backend_name = _backends.resolve(_backends.requested(backend), device.type)
     for idx in buckets.values():
-        table = np.zeros((len(idx), 7), dtype=np.int64)
+        table = np.zeros((len(idx), 8), dtype=np.int64)
         for r, i in enumerate(idx):
-            table[r] = (params[i].data_ptr(), grads[i].data_ptr(), square_avgs[i].data_ptr(),
+            table[r, :7] = (params[i].data_ptr(), grads[i].data_ptr(), square_avgs[i].data_ptr(),
                         bufs[i].data_ptr() if bufs else 0, gavg[i].data_ptr() if gavg else 0,
                         state_steps[i].data_ptr(), params[i].numel())
         sel = lambda lst: [lst[i] for i in idx] if lst else []  # noqa: E731

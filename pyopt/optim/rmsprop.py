@@ -23,7 +23,7 @@ def _check_hyper(lr, alpha, eps, weight_decay, momentum):
 
 
 def run_rmsprop(backend, params, grads, lists, steps, table, *, lr, alpha, eps, weight_decay,
-                momentum, centered, maximize):
+                momentum, centered, maximize, grad_inv_scale=1.0):
     code = _checks.DTYPE_CODES[params[0].dtype]
     args = (lr, alpha, eps, weight_decay, momentum, centered, maximize, code)
     if backend == "native":
@@ -32,7 +32,7 @@ def run_rmsprop(backend, params, grads, lists, steps, table, *, lr, alpha, eps, 
             _backends.cuda_module().rmsprop_step(table.ctypes.data, len(params), *args, stream)
         else:
             _backends.cpu_module().rmsprop_step(table.ctypes.data, len(params), *args,
-                                                torch.get_num_threads())
+                                                grad_inv_scale, torch.get_num_threads())
     elif backend == "numba":
         from .._numba import optim as nb
         nb.rmsprop_step(table, len(params), *args, torch.get_num_threads())
@@ -95,7 +95,7 @@ class RMSprop(FusedOptimizer):
             st["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         super()._normalize_state(p, st, group)
 
-    def _run(self, b, ps, gs, group):
+    def _run(self, b, ps, gs, group, grad_inv_scale):
         momentum, centered = float(group["momentum"]), bool(group["centered"])
         lists = ([], [], [])
         if b.backend == "torch":
@@ -105,7 +105,8 @@ class RMSprop(FusedOptimizer):
         run_rmsprop(b.backend, ps, gs, lists, b.steps, b.table,
                     lr=_checks.scalar(group["lr"], "lr"), alpha=float(group["alpha"]),
                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-                    momentum=momentum, centered=centered, maximize=bool(group["maximize"]))
+                    momentum=momentum, centered=centered, maximize=bool(group["maximize"]),
+                    grad_inv_scale=grad_inv_scale)
 
     def _run_op(self, group, ps, gs):
         from .. import _ops  # noqa: F401  (registers torch.ops.pyopt)

@@ -20,7 +20,7 @@ def _check_hyper(lr, momentum, dampening, weight_decay, nesterov):
 
 
 def run_sgd(backend, params, grads, bufs, table, *, lr, momentum, dampening, weight_decay,
-            nesterov, maximize):
+            nesterov, maximize, grad_inv_scale=1.0):
     """Call one backend on already-validated tensors of one (device, dtype)."""
     code = _checks.DTYPE_CODES[params[0].dtype]
     args = (lr, momentum, dampening, weight_decay, nesterov, maximize, code)
@@ -30,7 +30,7 @@ def run_sgd(backend, params, grads, bufs, table, *, lr, momentum, dampening, wei
             _backends.cuda_module().sgd_step(table.ctypes.data, len(params), *args, stream)
         else:
             _backends.cpu_module().sgd_step(table.ctypes.data, len(params), *args,
-                                            torch.get_num_threads())
+                                            grad_inv_scale, torch.get_num_threads())
     elif backend == "numba":
         from .._numba import optim as nb
         nb.sgd_step(table, len(params), *args, torch.get_num_threads())
@@ -96,13 +96,13 @@ class SGD(FusedOptimizer):
         """Column 3: 1 while the buffer is new (it becomes a copy of the gradient)."""
         return int(id(st.get("momentum_buffer")) in self._fresh)
 
-    def _run(self, b, ps, gs, group):
+    def _run(self, b, ps, gs, group, grad_inv_scale):
         self._fresh.clear()
         bufs = [s.get("momentum_buffer") for s in b.states] if b.backend == "torch" else []
         run_sgd(b.backend, ps, gs, bufs, b.table, lr=_checks.scalar(group["lr"], "lr"),
                 momentum=float(group["momentum"]), dampening=float(group["dampening"]),
                 weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
-                maximize=bool(group["maximize"]))
+                maximize=bool(group["maximize"]), grad_inv_scale=grad_inv_scale)
         b.table[:, 3] = 0
 
     def _run_op(self, group, ps, gs):
