@@ -52,18 +52,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("table"), py::arg("n"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"),
         py::arg("decoupled"), py::arg("param_dtype"), py::arg("state_dtype"),
-        py::arg("grad_inv_scale"), py::arg("nthreads"),
+        py::arg("grad_dtype"), py::arg("grad_inv_scale"), py::arg("nthreads"),
         "Fused Adam/AdamW over an address table (see csrc/common/optim_table.h).");
 
   m.def("sgd_step", &pyopt::sgd_step_cpu, py::call_guard<py::gil_scoped_release>(),
         py::arg("table"), py::arg("n"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"),
         py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"), py::arg("dtype"),
-        py::arg("grad_inv_scale"), py::arg("nthreads"), "Fused SGD over an address table (csrc/common/optim_table.h).");
+        py::arg("grad_dtype"), py::arg("grad_inv_scale"), py::arg("nthreads"), "Fused SGD over an address table (csrc/common/optim_table.h).");
 
   m.def("rmsprop_step", &pyopt::rmsprop_step_cpu, py::call_guard<py::gil_scoped_release>(),
         py::arg("table"), py::arg("n"), py::arg("lr"), py::arg("alpha"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("momentum"), py::arg("centered"), py::arg("maximize"),
-        py::arg("dtype"), py::arg("grad_inv_scale"), py::arg("nthreads"),
+        py::arg("dtype"), py::arg("grad_dtype"), py::arg("grad_inv_scale"), py::arg("nthreads"),
         "Fused RMSprop over an address table (csrc/common/optim_table.h).");
 
   m.def("build_info", &build_info);

@@ -4,7 +4,10 @@
 //
 // Every table ends with a mask column: a bool/uint8 tensor of the param's
 // shape and layout; positions where it is 0 are written as exact zeros in the
-// param and every state list after the update (pruned weights stay pruned).
+// param and every state list after the update (pruned weights stay pruned),
+// and an out column: with fp32 master weights, column 0 is the fp32 master,
+// the grad is 16-bit, and the out column is the 16-bit param that receives
+// the rounded master after the update.
 #pragma once
 #include <cstdint>
 
@@ -19,7 +22,8 @@ enum AdamCol : int {
   kAdamStep = 5,      // host address of the float32 CPU step tensor
   kAdamNumel = 6,     // element count
   kAdamMask = 7,      // uint8/bool mask (0 = pruned), 0 when the param has none
-  kAdamCols = 8,
+  kAdamOut = 8,       // with fp32 master weights: the 16-bit param (column 0 is the master)
+  kAdamCols = 9,
 };
 
 enum SgdCol : int {
@@ -29,7 +33,8 @@ enum SgdCol : int {
   kSgdFirst = 3,      // 1: the buffer is new and starts as a copy of the gradient
   kSgdNumel = 4,
   kSgdMask = 5,
-  kSgdCols = 6,
+  kSgdOut = 6,
+  kSgdCols = 7,
 };
 
 enum RmspropCol : int {
@@ -41,7 +46,8 @@ enum RmspropCol : int {
   kRmsStep = 5,       // host address of the float32 CPU step tensor
   kRmsNumel = 6,
   kRmsMask = 7,
-  kRmsCols = 8,
+  kRmsOut = 8,
+  kRmsCols = 9,
 };
 
 }  // namespace pyopt

@@ -88,9 +88,10 @@ void check_dtype(int dtype, const char* op) {
 }  // namespace
 
 void sgd_step_cpu(int64_t table_addr, int64_t n, double lr, double momentum, double dampening,
-                  double weight_decay, bool nesterov, bool maximize, int dtype,
+                  double weight_decay, bool nesterov, bool maximize, int dtype, int grad_dtype,
                   double grad_inv_scale, int nthreads) {
   check_dtype(dtype, "sgd_step");
+  check_dtype(grad_dtype, "sgd_step");
   if (n <= 0) return;
   SgdCall call;
   call.table = reinterpret_cast<const int64_t*>(table_addr);
@@ -104,6 +105,7 @@ void sgd_step_cpu(int64_t table_addr, int64_t n, double lr, double momentum, dou
   call.weight_decay = weight_decay != 0.0;
   call.momentum = momentum == 0.0 ? kNoMomentum : (nesterov ? kNesterov : kHeavyBall);
   call.dtype = dtype;
+  call.grad_dtype = grad_dtype;
   call.grad_inv_scale = static_cast<float>(grad_inv_scale);
   parallel_over_elements(pick_isa<SgdCall>(sgd_range_baseline, sgd_range_avx2, sgd_range_avx512),
                          call, call.offsets[n], nthreads);
@@ -111,8 +113,9 @@ void sgd_step_cpu(int64_t table_addr, int64_t n, double lr, double momentum, dou
 
 void rmsprop_step_cpu(int64_t table_addr, int64_t n, double lr, double alpha, double eps,
                       double weight_decay, double momentum, bool centered, bool maximize,
-                      int dtype, double grad_inv_scale, int nthreads) {
+                      int dtype, int grad_dtype, double grad_inv_scale, int nthreads) {
   check_dtype(dtype, "rmsprop_step");
+  check_dtype(grad_dtype, "rmsprop_step");
   if (n <= 0) return;
   RmspropCall call;
   call.table = reinterpret_cast<const int64_t*>(table_addr);
@@ -130,6 +133,7 @@ void rmsprop_step_cpu(int64_t table_addr, int64_t n, double lr, double alpha, do
   call.centered = centered;
   call.momentum = momentum > 0.0;
   call.dtype = dtype;
+  call.grad_dtype = grad_dtype;
   call.grad_inv_scale = static_cast<float>(grad_inv_scale);
   parallel_over_elements(
       pick_isa<RmspropCall>(rmsprop_range_baseline, rmsprop_range_avx2, rmsprop_range_avx512),
@@ -138,8 +142,9 @@ void rmsprop_step_cpu(int64_t table_addr, int64_t n, double lr, double alpha, do
 
 void adam_step_cpu(int64_t table_addr, int64_t n, double lr, double beta1, double beta2,
                    double eps, double weight_decay, bool amsgrad, bool maximize,
-                   bool decoupled, int param_dtype, int state_dtype, double grad_inv_scale,
-                   int nthreads) {
+                   bool decoupled, int param_dtype, int state_dtype, int grad_dtype,
+                   double grad_inv_scale, int nthreads) {
+  check_dtype(grad_dtype, "adam_step");
   if (n <= 0) return;
   const bool same = param_dtype == state_dtype;
   const bool ok_p = param_dtype >= kFloat32 && param_dtype <= kFloat16;
@@ -188,6 +193,7 @@ void adam_step_cpu(int64_t table_addr, int64_t n, double lr, double beta1, doubl
   call.wd_mode = weight_decay == 0.0 ? kNoDecay : (decoupled ? kDecoupled : kL2);
   call.param_dtype = param_dtype;
   call.state_dtype = state_dtype;
+  call.grad_dtype = grad_dtype;
   call.grad_inv_scale = static_cast<float>(grad_inv_scale);
 
   parallel_over_elements(adam_range_for(current_isa()), call, offsets[n], nthreads);

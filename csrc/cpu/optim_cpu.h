@@ -20,6 +20,7 @@ struct AdamCall {
   bool amsgrad, maximize;
   int wd_mode;                         // WeightDecay
   int param_dtype, state_dtype;        // DType
+  int grad_dtype;                      // param_dtype, or the 16-bit dtype with a master
   float grad_inv_scale;                // 1: none; else grads are unscaled in place first
 };
 
@@ -30,7 +31,8 @@ struct SgdCall {
   SgdHyper hyper;
   bool maximize, weight_decay;
   int momentum;                        // Momentum
-  int dtype;                           // DType of params, grads and buffers
+  int dtype;                           // DType of params and buffers
+  int grad_dtype;
   float grad_inv_scale;
 };
 
@@ -41,6 +43,7 @@ struct RmspropCall {
   RmspropHyper hyper;
   bool maximize, weight_decay, centered, momentum;
   int dtype;
+  int grad_dtype;
   float grad_inv_scale;
 };
 
@@ -57,17 +60,18 @@ void rmsprop_range_avx2(const RmspropCall& call, int64_t begin, int64_t end);
 void rmsprop_range_avx512(const RmspropCall& call, int64_t begin, int64_t end);
 
 // grad_inv_scale (GradScaler's 1 / scale, 1 for none) multiplies every grad
-// in place before the update, as torch's fused optimizers do.
+// in place before the update, as torch's fused optimizers do. grad_dtype is
+// the param dtype, except with fp32 master weights (see optim_table.h).
 void sgd_step_cpu(int64_t table_addr, int64_t n, double lr, double momentum, double dampening,
-                  double weight_decay, bool nesterov, bool maximize, int dtype,
+                  double weight_decay, bool nesterov, bool maximize, int dtype, int grad_dtype,
                   double grad_inv_scale, int nthreads);
 void rmsprop_step_cpu(int64_t table_addr, int64_t n, double lr, double alpha, double eps,
                       double weight_decay, double momentum, bool centered, bool maximize,
-                      int dtype, double grad_inv_scale, int nthreads);
+                      int dtype, int grad_dtype, double grad_inv_scale, int nthreads);
 
 void adam_step_cpu(int64_t table_addr, int64_t n, double lr, double beta1, double beta2,
                    double eps, double weight_decay, bool amsgrad, bool maximize,
-                   bool decoupled, int param_dtype, int state_dtype, double grad_inv_scale,
-                   int nthreads);
+                   bool decoupled, int param_dtype, int state_dtype, int grad_dtype,
+                   double grad_inv_scale, int nthreads);
 
 }  // namespace pyopt

@@ -152,44 +152,52 @@ static void for_each_row(const int64_t* table, int cols, int64_t n, const int64_
   for (int64_t t = lo; t < n && offsets[t] < end; ++t) {
     const int64_t a = begin > offsets[t] ? begin : offsets[t];
     const int64_t b = end < offsets[t + 1] ? end : offsets[t + 1];
-    if (b > a) fn(table + t * cols, a - offsets[t], b - a);
+    if (b > a) fn(table + t * cols, a - offsets[t], b - a, t);
   }
 }
 
-// What happens around the update of each row, for every optimizer: grads
-// unscaled in place first (GradScaler), masked positions zeroed after. Both
-// run on chunks that stay in L1/L2 between the passes, so neither costs an
-// extra trip to memory.
+// What happens around the update of each row, for every optimizer, on chunks
+// that stay in L1/L2 between passes (so none costs a trip to memory):
+//  - GradScaler: grads are multiplied by 1/scale in place first;
+//  - fp32 master weights (the row's out column is set): list 0 is the fp32
+//    master, the 16-bit grad is widened into a buffer, and the update's
+//    result is rounded into the 16-bit param;
+//  - masks: masked positions of the param and every state list become 0.
 struct RowExtras {
   int cols;
   int mask_col;
+  int out_col;         // 16-bit param written from the fp32 master, 0 without
   int nlists;          // list columns 0..nlists-1; column 1 is the grad
   int elem[5];         // bytes per element of each list column
-  int grad_dtype;
+  int grad_dtype;      // dtype of the grad (and of the 16-bit param with a master)
   float inv_scale;     // 1: no unscaling
 };
 
-static void unscale_grad(int64_t addr, int dtype, int64_t off, int64_t k, float inv) {
-  if (dtype == kFloat32) {
-    float* g = reinterpret_cast<float*>(addr) + off;
-    for (int64_t i = 0; i < k; ++i) g[i] = g[i] * inv;
-    return;
-  }
-  alignas(64) float buf[kBlock];
-  for (int64_t i0 = 0; i0 < k; i0 += kBlock) {
-    const int64_t b = k - i0 < kBlock ? k - i0 : kBlock;
-    if (dtype == kBFloat16) {
-      bf16* g = reinterpret_cast<bf16*>(addr) + off + i0;
-      load_block(g, buf, b);
-      for (int64_t i = 0; i < b; ++i) buf[i] *= inv;
-      store_block(buf, g, b);
-    } else {
-      f16* g = reinterpret_cast<f16*>(addr) + off + i0;
-      load_block(g, buf, b);
-      for (int64_t i = 0; i < b; ++i) buf[i] *= inv;
-      store_block(buf, g, b);
-    }
-  }
+constexpr int kMaxCols = 16;
+constexpr int64_t kChunk = 2048;
+
+template <typename T>
+static void widen(int64_t addr, int64_t off, int64_t k, float* dst) {
+  const T* src = reinterpret_cast<const T*>(addr) + off;
+  for (int64_t i0 = 0; i0 < k; i0 += kBlock) load_block(src + i0, dst + i0, k - i0 < kBlock ? k - i0 : kBlock);
+}
+
+template <typename T>
+static void narrow(const float* src, int64_t addr, int64_t off, int64_t k) {
+  T* dst = reinterpret_cast<T*>(addr) + off;
+  for (int64_t i0 = 0; i0 < k; i0 += kBlock) store_block(src + i0, dst + i0, k - i0 < kBlock ? k - i0 : kBlock);
+}
+
+static void widen_any(int dtype, int64_t addr, int64_t off, int64_t k, float* dst) {
+  if (dtype == kBFloat16) widen<bf16>(addr, off, k, dst);
+  else if (dtype == kFloat16) widen<f16>(addr, off, k, dst);
+  else widen<float>(addr, off, k, dst);
+}
+
+static void narrow_any(int dtype, const float* src, int64_t addr, int64_t off, int64_t k) {
+  if (dtype == kBFloat16) narrow<bf16>(src, addr, off, k);
+  else if (dtype == kFloat16) narrow<f16>(src, addr, off, k);
+  else narrow<float>(src, addr, off, k);
 }
 
 template <typename U>
@@ -201,22 +209,46 @@ static void zero_masked(int64_t addr, const uint8_t* __restrict mask, int64_t of
 template <typename Fn>
 static void run_rows(const int64_t* table, int64_t n, const int64_t* offsets, int64_t begin,
                      int64_t end, const RowExtras& x, const Fn& fn) {
-  constexpr int64_t kChunk = 4096;
   for_each_row(table, x.cols, n, offsets, begin, end,
-               [&](const int64_t* row, int64_t off, int64_t len) {
+               [&](const int64_t* row, int64_t off, int64_t len, int64_t t) {
     const uint8_t* mask = reinterpret_cast<const uint8_t*>(row[x.mask_col]);
     const bool scale = x.inv_scale != 1.0f;
-    if (!scale && mask == nullptr) return fn(row, off, len);
+    const bool master = row[x.out_col] != 0;
+    if (!scale && mask == nullptr && !master) return fn(row, off, len, t);
+    alignas(64) float gbuf[kChunk];
+    int64_t r[kMaxCols];
     for (int64_t c = off; c < off + len; c += kChunk) {
       const int64_t k = off + len - c < kChunk ? off + len - c : kChunk;
-      if (scale) unscale_grad(row[1], x.grad_dtype, c, k, x.inv_scale);
-      fn(row, c, k);
+      const int64_t* use = row;
+      int64_t at = c;
+      if (master) {
+        // The update runs on fp32 lists rebased to this chunk and a widened grad.
+        for (int l = 0; l < x.cols; ++l) r[l] = row[l];
+        for (int l = 0; l < x.nlists; ++l)
+          if (l != 1 && row[l] != 0) r[l] = row[l] + c * x.elem[l];
+        widen_any(x.grad_dtype, row[1], c, k, gbuf);
+        if (scale) {
+          for (int64_t i = 0; i < k; ++i) gbuf[i] *= x.inv_scale;
+          narrow_any(x.grad_dtype, gbuf, row[1], c, k);  // grads end up unscaled, as in torch
+        }
+        r[1] = reinterpret_cast<int64_t>(gbuf);
+        use = r;
+        at = 0;
+      } else if (scale) {
+        widen_any(x.grad_dtype, row[1], c, k, gbuf);
+        for (int64_t i = 0; i < k; ++i) gbuf[i] *= x.inv_scale;
+        narrow_any(x.grad_dtype, gbuf, row[1], c, k);
+      }
+      fn(use, at, k, t);
+      if (master) narrow_any(x.grad_dtype, reinterpret_cast<const float*>(row[0]) + c,
+                             row[x.out_col], c, k);
       if (mask == nullptr) continue;
       for (int l = 0; l < x.nlists; ++l) {
         if (l == 1 || row[l] == 0) continue;
         if (x.elem[l] == 4) zero_masked<uint32_t>(row[l], mask + c, c, k);
         else zero_masked<uint16_t>(row[l], mask + c, c, k);
       }
+      if (master) zero_masked<uint16_t>(row[x.out_col], mask + c, c, k);
     }
   });
 }
@@ -267,10 +299,13 @@ static void rmsprop_row(const int64_t* row, int64_t off, int64_t len, const Rmsp
 template <typename T>
 static void sgd_dispatch(const SgdCall& c, int64_t begin, int64_t end) {
   const int e = sizeof(T);
-  const RowExtras x{kSgdCols, kSgdMask, 3, {e, e, e, 0, 0}, c.dtype, c.grad_inv_scale};
+  const RowExtras x{kSgdCols, kSgdMask, kSgdOut, 3, {e, e, e, 0, 0}, c.grad_dtype,
+                   c.grad_inv_scale};
   const auto go = [&](auto fn) {
     run_rows(c.table, c.n, c.offsets, begin, end, x,
-             [&](const int64_t* row, int64_t off, int64_t len) { fn(row, off, len, c.hyper); });
+             [&](const int64_t* row, int64_t off, int64_t len, int64_t) {
+               fn(row, off, len, c.hyper);
+             });
   };
 #define PYOPT_SGD(MAX, WD, MOM)                                             \
   if (c.maximize == MAX && c.weight_decay == WD && c.momentum == MOM) \
@@ -287,10 +322,13 @@ static void sgd_dispatch(const SgdCall& c, int64_t begin, int64_t end) {
 template <typename T>
 static void rmsprop_dispatch(const RmspropCall& c, int64_t begin, int64_t end) {
   const int e = sizeof(T);
-  const RowExtras x{kRmsCols, kRmsMask, 5, {e, e, e, e, e}, c.dtype, c.grad_inv_scale};
+  const RowExtras x{kRmsCols, kRmsMask, kRmsOut, 5, {e, e, e, e, e}, c.grad_dtype,
+                   c.grad_inv_scale};
   const auto go = [&](auto fn) {
     run_rows(c.table, c.n, c.offsets, begin, end, x,
-             [&](const int64_t* row, int64_t off, int64_t len) { fn(row, off, len, c.hyper); });
+             [&](const int64_t* row, int64_t off, int64_t len, int64_t) {
+               fn(row, off, len, c.hyper);
+             });
   };
 #define PYOPT_RMS(MAX, WD, CEN, MOM)                                                     \
   if (c.maximize == MAX && c.weight_decay == WD && c.centered == CEN && c.momentum == MOM) \
@@ -309,11 +347,11 @@ void PYOPT_CAT(adam_range, PYOPT_ISA)(const AdamCall& c, int64_t begin, int64_t 
   const PYOPT_ISA::AdamRowFn fn = PYOPT_ISA::pick(c);
   if (fn == nullptr || begin >= end) return;
   const int pe = c.param_dtype == kFloat32 ? 4 : 2, se = c.state_dtype == kFloat32 ? 4 : 2;
-  const PYOPT_ISA::RowExtras x{kAdamCols, kAdamMask, 5, {pe, pe, se, se, se}, c.param_dtype,
-                               c.grad_inv_scale};
+  const PYOPT_ISA::RowExtras x{kAdamCols, kAdamMask, kAdamOut, 5, {pe, pe, se, se, se},
+                               c.grad_dtype, c.grad_inv_scale};
   PYOPT_ISA::run_rows(c.table, c.n, c.offsets, begin, end, x,
-                      [&](const int64_t* row, int64_t off, int64_t len) {
-    fn(row, off, len, c.hyper, c.scalars[(row - c.table) / kAdamCols]);
+                      [&](const int64_t* row, int64_t off, int64_t len, int64_t t) {
+    fn(row, off, len, c.hyper, c.scalars[t]);
   });
 }
 

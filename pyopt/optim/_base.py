@@ -25,7 +25,7 @@ class _Bucket:
 
     __slots__ = ("pos", "params", "states", "steps", "nbytes", "strides", "table",
                  "device", "dev_index", "dtype", "backend", "pptrs", "state_ids", "getters",
-                 "keep", "masks", "masked")
+                 "keep", "masks", "masked", "master", "masters")
 
     def __init__(self, device, dtype):
         self.device, self.dtype = device, dtype
@@ -33,14 +33,17 @@ class _Bucket:
         self.pos, self.params, self.states, self.steps, self.nbytes = [], [], [], [], []
         self.strides = None   # per-param strides when some param is dense but not contiguous
 
-    def finish(self, state_keys, grads, backend_request, extra_column, masks):
+    def finish(self, state_keys, grads, backend_request, extra_column, masks, master):
         n, k = len(self.params), len(state_keys)
-        # columns: param, grad, state tensors..., step, numel, mask
-        self.table = np.zeros((n, k + 5), dtype=np.int64)
+        # columns: param (or its fp32 master), grad, state tensors..., step,
+        # numel, mask, 16-bit param written from the master
+        self.table = np.zeros((n, k + 6), dtype=np.int64)
+        self.master = master
+        self.masters = [st["master_param"] for st in self.states] if master else None
         self.masks = [masks.get(p) for p in self.params]
         self.masked = any(m is not None for m in self.masks)
         for i, (p, g, st, step) in enumerate(zip(self.params, grads, self.states, self.steps)):
-            self.table[i, 0] = p.data_ptr()
+            self.table[i, 0] = self.masters[i].data_ptr() if master else p.data_ptr()
             self.table[i, 1] = g.data_ptr()
             for j, key in enumerate(state_keys):
                 t = st.get(key)
@@ -48,7 +51,8 @@ class _Bucket:
             self.table[i, k + 2] = extra_column(st)
             self.table[i, k + 3] = p.numel()
             self.table[i, k + 4] = 0 if self.masks[i] is None else self.masks[i].data_ptr()
-        self.pptrs = self.table[:, 0].tolist()
+            self.table[i, k + 5] = p.data_ptr() if master else 0
+        self.pptrs = [p.data_ptr() for p in self.params]
         if not all(p.is_contiguous() for p in self.params):
             self.strides = [p.stride() for p in self.params]
         # The table holds raw state addresses. Keep their storages alive even
@@ -58,7 +62,8 @@ class _Bucket:
                      for t in st.values() if isinstance(t, torch.Tensor)]
         self.getters = []
         if not all(type(st) is ParamState for st in self.states):
-            keys = [key for key in (*state_keys, "step") if all(key in st for st in self.states)]
+            keys = [key for key in (*state_keys, "step", "master_param")
+                    if all(key in st for st in self.states)]
             self.getters = [operator.itemgetter(key) for key in keys]
         self.state_ids = self._state_ids()
         self.backend = _backends.resolve(backend_request, self.device.type)
@@ -114,12 +119,19 @@ class FusedOptimizer(torch.optim.Optimizer):
     HAS_STEP = True      # a float32 "step" tensor per param, as torch keeps it
     _NAME = "Optimizer"
 
+    def _uses_master(self, p, group) -> bool:
+        """fp32 master weights apply to 16-bit params; fp32 params ignore the flag."""
+        return self._master_weights and p.dtype in (torch.bfloat16, torch.float16)
+
     def _extra_column(self, st) -> int:
         """The table column after the state lists: the step tensor's address."""
         return st["step"].data_ptr()
 
-    def __init__(self, params, defaults, backend):
+    def __init__(self, params, defaults, backend, master_weights=False):
         self._backend = _backends.requested(backend)
+        # An optimizer setting, not a param-group key: param_groups stay
+        # exactly torch's, and loading a torch checkpoint keeps it.
+        self._master_weights = bool(master_weights)
         self._plans: dict[int, _Plan] = {}
         self._masks: dict = {}
         super().__init__(params, defaults)
@@ -131,6 +143,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_backend", _backends.requested(None))
         self._plans = {}
         self.__dict__.setdefault("_masks", {})
+        self.__dict__.setdefault("_master_weights", False)
         self.state = OptimizerState(self.state)
 
     def add_param_group(self, param_group):
@@ -143,6 +156,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         d.pop("_plans", None)
         d["_backend"] = self._backend
         d["_masks"] = self._masks
+        d["_master_weights"] = self._master_weights
         return d
 
     def state_dict(self):
@@ -151,6 +165,29 @@ class FusedOptimizer(torch.optim.Optimizer):
         sd["state"] = {k: dict(v) if isinstance(v, ParamState) else v
                        for k, v in sd["state"].items()}
         return sd
+
+    def load_state_dict(self, state_dict):
+        """torch.optim's load_state_dict. torch casts floating state to the
+        param's dtype; with master weights the fp32 master and fp32 state of
+        16-bit params are restored in fp32 instead."""
+        super().load_state_dict(state_dict)
+        if self._master_weights:
+            params = [p for g in self.param_groups for p in g["params"]]
+            ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+            for i, p in zip(ids, params):
+                saved = state_dict["state"].get(i, {})
+                if not self._uses_master(p, None):
+                    continue
+                for k, v in saved.items():
+                    if (k != "step" and isinstance(v, torch.Tensor)
+                            and v.dtype == torch.float32 and v.shape == p.shape):
+                        self.state[p][k] = v.to(p.device, copy=True)
+        self._plans = {}
+
+    @property
+    def master_weights(self) -> bool:
+        """Whether bf16/fp16 params are stepped through fp32 master copies."""
+        return self._master_weights
 
     @property
     def backend(self) -> str:
@@ -179,8 +216,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if inv_scale is None:   # found_inf: skip the step, change nothing
                 return loss
         if torch.compiler.is_compiling():
-            if inv_scale != 1.0 or self._masks:
-                raise NotImplementedError("pyopt: GradScaler and masks are not supported "
+            if inv_scale != 1.0 or self._masks or self._master_weights:
+                raise NotImplementedError("pyopt: GradScaler, masks and master weights are not supported "
                                           "inside torch.compile yet; step outside the compiled region")
             # Traced: no cached addresses; each group becomes one pyopt:: op.
             for group in self.param_groups:
@@ -230,9 +267,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 fused = b.backend == "native" and b.device.type == "cpu"
                 if inv_scale != 1.0 and not fused:
                     torch._foreach_mul_(bgs, inv_scale)
-                self._run(b, bps, bgs, group, inv_scale if fused else 1.0)
+                if not b.master:
+                    self._run(b, bps, bgs, group, inv_scale if fused else 1.0, b.table)
+                elif fused:   # the kernel widens the grads and rounds the masters into the params
+                    self._run(b, b.masters, bgs, group, inv_scale, b.table)
+                else:
+                    g32 = [g.float() for g in bgs]
+                    table = b.table.copy()
+                    table[:, 1] = [g.data_ptr() for g in g32]
+                    self._run(b, b.masters, g32, group, 1.0, table)
                 if b.masked and not fused:
                     self._mask_states(b)
+                if b.master and not fused:
+                    torch._foreach_copy_(bps, b.masters)
         return loss
 
     # -- AMP and masks --------------------------------------------------------
@@ -279,7 +326,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             drop = m.logical_not() if m.dtype == torch.bool else m.eq(0)
             p.masked_fill_(drop, 0)
-            for k in self.STATE_KEYS:
+            for k in (*self.STATE_KEYS, "master_param"):
                 t = st.get(k)
                 if isinstance(t, torch.Tensor):
                     t.masked_fill_(drop, 0)
@@ -336,7 +383,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         plan.buckets = list(buckets.values())
         for b in plan.buckets:
             b.finish(self.STATE_KEYS, [gs[i] for i in b.pos], self._backend, self._extra_column,
-                     self._masks)
+                     self._masks, self._uses_master(b.params[0], group))
         plan.state = self.state
         return plan
 
@@ -351,11 +398,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             st["step"] = torch.tensor(float(step or 0.0), dtype=torch.float32)
         elif step.device.type != "cpu" or step.dtype != torch.float32 or step.dim() != 0:
             st["step"] = step.detach().to("cpu", torch.float32).reshape(())
-        for key in self.STATE_KEYS:
+        dtype = p.dtype
+        if self._uses_master(p, group):
+            dtype = torch.float32
+            if not isinstance(st.get("master_param"), torch.Tensor):
+                st["master_param"] = torch.empty_like(p, dtype=dtype).copy_(p)
+            keys = (*self.STATE_KEYS, "master_param")
+        else:
+            keys = self.STATE_KEYS
+        for key in keys:
             t = st.get(key)
             if t is None:
                 continue
-            if (t.dtype != p.dtype or t.device != p.device
+            if (t.dtype != dtype or t.device != p.device
                     or (p.is_contiguous() and not t.is_contiguous())
                     or (not p.is_contiguous() and t.stride() != p.stride())):
-                st[key] = torch.empty_like(p).copy_(t)
+                st[key] = torch.empty_like(p, dtype=dtype).copy_(t)

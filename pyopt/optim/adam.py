@@ -28,12 +28,13 @@ def run_adam(backend, bucket_or_none, params, grads, exp_avgs, exp_avg_sqs, max_
     dtype = params[0].dtype
     code = _checks.DTYPE_CODES[dtype]
     args = (lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, code, code)
+    gcode = _checks.DTYPE_CODES[grads[0].dtype]
     if backend == "native":
         if params[0].is_cuda:
             stream = torch.cuda.current_stream(params[0].device).cuda_stream
             _backends.cuda_module().adam_step(table.ctypes.data, len(params), *args, stream)
         else:
-            _backends.cpu_module().adam_step(table.ctypes.data, len(params), *args,
+            _backends.cpu_module().adam_step(table.ctypes.data, len(params), *args, gcode,
                                              grad_inv_scale, torch.get_num_threads())
     elif backend == "numba":
         from .._numba import optim as nb
@@ -49,8 +50,10 @@ class Adam(FusedOptimizer):
     """Fused Adam with torch.optim.Adam's arguments, defaults and state_dict.
 
     One native call per (param group, device, dtype) per step. Extra
-    keyword-only argument ``backend`` ('auto', 'native', 'numba', 'torch';
-    default from ``PYOPT_BACKEND``, else 'auto').
+    keyword-only arguments: ``backend`` ('auto', 'native', 'numba', 'torch';
+    default from ``PYOPT_BACKEND``, else 'auto') and ``master_weights``
+    (bf16/fp16 params keep an fp32 copy and fp32 state, updated in fp32 and
+    rounded into the param in the same kernel; a no-op for fp32 params).
 
     torch flags: ``foreach`` and ``fused`` are accepted and ignored (the step
     is always fused); ``capturable=True`` and ``differentiable=True`` raise.
@@ -63,7 +66,7 @@ class Adam(FusedOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
-                 backend=None):
+                 master_weights=False, backend=None):
         _checks.adam_hyper(lr, betas, eps, weight_decay)
         _flag_check(foreach, capturable, differentiable, fused)
         if isinstance(betas[0], torch.Tensor) or isinstance(betas[1], torch.Tensor):
@@ -72,7 +75,7 @@ class Adam(FusedOptimizer):
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=bool(decoupled_weight_decay or self._DECOUPLED))
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, master_weights)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -104,14 +107,14 @@ class Adam(FusedOptimizer):
             st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         super()._normalize_state(p, st, group)
 
-    def _run(self, b, ps, gs, group, grad_inv_scale):
+    def _run(self, b, ps, gs, group, grad_inv_scale, table):
         amsgrad = bool(group["amsgrad"])
         beta1, beta2 = group["betas"]
         lists = ([], [], [])
         if b.backend == "torch":
             lists = ([s["exp_avg"] for s in b.states], [s["exp_avg_sq"] for s in b.states],
                      [s["max_exp_avg_sq"] for s in b.states] if amsgrad else [])
-        run_adam(b.backend, b, ps, gs, *lists, b.steps, b.table,
+        run_adam(b.backend, b, ps, gs, *lists, b.steps, table,
                  lr=_checks.scalar(group["lr"], "lr"), beta1=float(beta1), beta2=float(beta2),
                  eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                  amsgrad=amsgrad, maximize=bool(group["maximize"]),
@@ -145,8 +148,9 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, backend=None):
+                 differentiable=False, fused=None, master_weights=False, backend=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, backend=backend)
+                         decoupled_weight_decay=True, master_weights=master_weights,
+                         backend=backend)

@@ -57,7 +57,7 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, 
         ps, gs, ms, vs, ss = (sel(params), sel(grads), sel(exp_avgs), sel(exp_avg_sqs),
                               sel(state_steps))
         vms = sel(max_exp_avg_sqs) if amsgrad else []
-        table = np.zeros((len(idx), 8), dtype=np.int64)   # last column: no mask
+        table = np.zeros((len(idx), 9), dtype=np.int64)   # no mask, no master
         for r, (p, g, m, v, s) in enumerate(zip(ps, gs, ms, vs, ss)):
             table[r, :7] = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
                             vms[r].data_ptr() if amsgrad else 0, s.data_ptr(), p.numel())
@@ -113,7 +113,7 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
     buckets, device = _validated_buckets("SGD", params, grads, {"momentum_buffers": bufs})
     backend_name = _backends.resolve(_backends.requested(backend), device.type)
     for idx in buckets.values():
-        table = np.zeros((len(idx), 6), dtype=np.int64)
+        table = np.zeros((len(idx), 7), dtype=np.int64)
         for r, i in enumerate(idx):
             table[r, :5] = (params[i].data_ptr(), grads[i].data_ptr(),
                         bufs[i].data_ptr() if bufs else 0, int(first_step), params[i].numel())
@@ -139,7 +139,7 @@ def rmsprop(params, grads, square_avgs, momentum_buffers, grad_avgs, state_steps
         {"square_avgs": square_avgs, "momentum_buffers": bufs, "grad_avgs": gavg}, state_steps)
     backend_name = _backends.resolve(_backends.requested(backend), device.type)
     for idx in buckets.values():
-        table = np.zeros((len(idx), 8), dtype=np.int64)
+        table = np.zeros((len(idx), 9), dtype=np.int64)
         for r, i in enumerate(idx):
             table[r, :7] = (params[i].data_ptr(), grads[i].data_ptr(), square_avgs[i].data_ptr(),
                         bufs[i].data_ptr() if bufs else 0, gavg[i].data_ptr() if gavg else 0,

@@ -26,12 +26,13 @@ def run_rmsprop(backend, params, grads, lists, steps, table, *, lr, alpha, eps, 
                 momentum, centered, maximize, grad_inv_scale=1.0):
     code = _checks.DTYPE_CODES[params[0].dtype]
     args = (lr, alpha, eps, weight_decay, momentum, centered, maximize, code)
+    gcode = _checks.DTYPE_CODES[grads[0].dtype]
     if backend == "native":
         if params[0].is_cuda:
             stream = torch.cuda.current_stream(params[0].device).cuda_stream
             _backends.cuda_module().rmsprop_step(table.ctypes.data, len(params), *args, stream)
         else:
-            _backends.cpu_module().rmsprop_step(table.ctypes.data, len(params), *args,
+            _backends.cpu_module().rmsprop_step(table.ctypes.data, len(params), *args, gcode,
                                                 grad_inv_scale, torch.get_num_threads())
     elif backend == "numba":
         from .._numba import optim as nb
@@ -53,7 +54,7 @@ class RMSprop(FusedOptimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
-                 differentiable=False, *, backend=None):
+                 differentiable=False, *, master_weights=False, backend=None):
         _check_hyper(lr, alpha, eps, weight_decay, momentum)
         if capturable:
             raise ValueError("capturable=True is not supported yet by pyopt; use torch.optim "
@@ -64,7 +65,7 @@ class RMSprop(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach,
                         maximize=maximize, differentiable=differentiable)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, master_weights)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -74,7 +75,7 @@ class RMSprop(FusedOptimizer):
                 group.setdefault(k, v)
 
     def _plan_flags(self, group):
-        return (group["momentum"] > 0, bool(group["centered"]))
+        return group["momentum"] > 0, bool(group["centered"])
 
     def _check_group(self, group):
         _check_hyper(group["lr"], group["alpha"], group["eps"], group["weight_decay"],
@@ -95,14 +96,14 @@ class RMSprop(FusedOptimizer):
             st["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         super()._normalize_state(p, st, group)
 
-    def _run(self, b, ps, gs, group, grad_inv_scale):
+    def _run(self, b, ps, gs, group, grad_inv_scale, table):
         momentum, centered = float(group["momentum"]), bool(group["centered"])
         lists = ([], [], [])
         if b.backend == "torch":
             lists = ([s["square_avg"] for s in b.states],
                      [s["momentum_buffer"] for s in b.states] if momentum > 0 else [],
                      [s["grad_avg"] for s in b.states] if centered else [])
-        run_rmsprop(b.backend, ps, gs, lists, b.steps, b.table,
+        run_rmsprop(b.backend, ps, gs, lists, b.steps, table,
                     lr=_checks.scalar(group["lr"], "lr"), alpha=float(group["alpha"]),
                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                     momentum=momentum, centered=centered, maximize=bool(group["maximize"]),

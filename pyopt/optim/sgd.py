@@ -24,12 +24,13 @@ def run_sgd(backend, params, grads, bufs, table, *, lr, momentum, dampening, wei
     """Call one backend on already-validated tensors of one (device, dtype)."""
     code = _checks.DTYPE_CODES[params[0].dtype]
     args = (lr, momentum, dampening, weight_decay, nesterov, maximize, code)
+    gcode = _checks.DTYPE_CODES[grads[0].dtype]
     if backend == "native":
         if params[0].is_cuda:
             stream = torch.cuda.current_stream(params[0].device).cuda_stream
             _backends.cuda_module().sgd_step(table.ctypes.data, len(params), *args, stream)
         else:
-            _backends.cpu_module().sgd_step(table.ctypes.data, len(params), *args,
+            _backends.cpu_module().sgd_step(table.ctypes.data, len(params), *args, gcode,
                                             grad_inv_scale, torch.get_num_threads())
     elif backend == "numba":
         from .._numba import optim as nb
@@ -47,7 +48,8 @@ class SGD(FusedOptimizer):
     The momentum buffer follows torch: none while momentum is 0, and on its
     first step it is a copy of the (decayed) gradient. ``foreach`` and
     ``fused`` are accepted and ignored; ``differentiable=True`` raises.
-    Extra keyword-only argument ``backend`` as for :class:`pyopt.optim.Adam`.
+    Extra keyword-only arguments ``backend`` and ``master_weights`` as for
+    :class:`pyopt.optim.Adam`.
     """
 
     STATE_KEYS = ("momentum_buffer",)
@@ -56,7 +58,7 @@ class SGD(FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
-                 fused=None, backend=None):
+                 fused=None, master_weights=False, backend=None):
         _check_hyper(lr, momentum, dampening, weight_decay, nesterov)
         if differentiable:
             raise ValueError("differentiable=True is not supported by pyopt's fused kernels; "
@@ -65,7 +67,7 @@ class SGD(FusedOptimizer):
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                         foreach=foreach, differentiable=differentiable, fused=fused)
         self._fresh: set = set()
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, master_weights)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -96,10 +98,10 @@ class SGD(FusedOptimizer):
         """Column 3: 1 while the buffer is new (it becomes a copy of the gradient)."""
         return int(id(st.get("momentum_buffer")) in self._fresh)
 
-    def _run(self, b, ps, gs, group, grad_inv_scale):
+    def _run(self, b, ps, gs, group, grad_inv_scale, table):
         self._fresh.clear()
         bufs = [s.get("momentum_buffer") for s in b.states] if b.backend == "torch" else []
-        run_sgd(b.backend, ps, gs, bufs, b.table, lr=_checks.scalar(group["lr"], "lr"),
+        run_sgd(b.backend, ps, gs, bufs, table, lr=_checks.scalar(group["lr"], "lr"),
                 momentum=float(group["momentum"]), dampening=float(group["dampening"]),
                 weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
                 maximize=bool(group["maximize"]), grad_inv_scale=grad_inv_scale)
