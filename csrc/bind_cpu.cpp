@@ -66,6 +66,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("grad_dtype"), py::arg("grad_inv_scale"), py::arg("nthreads"),
         "Fused RMSprop over an address table (csrc/common/optim_table.h).");
 
+  m.def("grad_norm", &pyopt::grad_norm_cpu, py::call_guard<py::gil_scoped_release>(),
+        py::arg("table"), py::arg("n"), py::arg("dtype"), py::arg("norm"), py::arg("nthreads"),
+        "sum |g|^p (p = 1, 2) or max |g| (norm = 0) over an int64 [n, 2] (address, numel) table.");
+  m.def("scale_grads", &pyopt::scale_grads_cpu, py::call_guard<py::gil_scoped_release>(),
+        py::arg("table"), py::arg("n"), py::arg("dtype"), py::arg("coef"), py::arg("nthreads"),
+        "g *= coef in place over an int64 [n, 2] (address, numel) table.");
+
   m.def("build_info", &build_info);
   m.def("isa_compiled", [](const std::string& s) { return pyopt::isa_compiled(parse_isa(s)); });
   m.def("isa_supported", [](const std::string& s) { return pyopt::isa_supported(parse_isa(s)); });

@@ -5,7 +5,8 @@ Importing pyopt never fails because a native module or a GPU is missing;
 """
 from ._version import __version__
 from . import optim
+from .optim.clip import clip_grad_norm_
 from ._backends import BackendUnavailable
 from ._info import info
 
-__all__ = ["__version__", "optim", "info", "BackendUnavailable"]
+__all__ = ["__version__", "optim", "clip_grad_norm_", "info", "BackendUnavailable"]

@@ -50,4 +50,11 @@ enum RmspropCol : int {
   kRmsCols = 9,
 };
 
+// Gradient clipping: one row per grad.
+enum NormCol : int {
+  kNormGrad = 0,      // grad data
+  kNormNumel = 1,
+  kNormCols = 2,
+};
+
 }  // namespace pyopt

@@ -87,6 +87,63 @@ void check_dtype(int dtype, const char* op) {
 
 }  // namespace
 
+double grad_norm_cpu(int64_t table_addr, int64_t n, int dtype, int norm, int nthreads) {
+  check_dtype(dtype, "grad_norm");
+  if (norm != 0 && norm != 1 && norm != 2)
+    throw std::invalid_argument("grad_norm: norm must be 1, 2 or 0 (inf)");
+  if (n <= 0) return 0.0;
+  NormCall call{};
+  call.table = reinterpret_cast<const int64_t*>(table_addr);
+  call.n = n;
+  call.offsets = element_offsets(call.table, n, kNormCols, kNormNumel);
+  call.dtype = dtype;
+  call.norm = norm;
+  using NormFn = double (*)(const NormCall&, int64_t, int64_t);
+  NormFn fn = norm_range_baseline;
+#if defined(PYOPT_HAVE_X86_VARIANTS)
+  if (current_isa() == Isa::kAVX512) fn = norm_range_avx512;
+  else if (current_isa() == Isa::kAVX2) fn = norm_range_avx2;
+#endif
+  const int64_t total = call.offsets[n];
+  int64_t t = total / kMinElemsPerThread;
+  if (t > nthreads) t = nthreads;
+  if (t <= 1) return fn(call, 0, total);
+  double partial[256] = {0.0};
+  if (t > 256) t = 256;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(static_cast<int>(t))
+  {
+    const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t begin = total * tid / nt, end = total * (tid + 1) / nt;
+    begin = tid == 0 ? 0 : begin / kAlign * kAlign;
+    end = tid == nt - 1 ? total : end / kAlign * kAlign;
+    partial[tid] = fn(call, begin, end);
+  }
+#else
+  partial[0] = fn(call, 0, total);
+#endif
+  double r = 0.0;
+  for (int64_t i = 0; i < t; ++i) {
+    if (norm == 0) r = (partial[i] > r || partial[i] != partial[i]) ? partial[i] : r;
+    else r += partial[i];
+  }
+  return r;
+}
+
+void scale_grads_cpu(int64_t table_addr, int64_t n, int dtype, double coef, int nthreads) {
+  check_dtype(dtype, "scale_grads");
+  if (n <= 0) return;
+  NormCall call{};
+  call.table = reinterpret_cast<const int64_t*>(table_addr);
+  call.n = n;
+  call.offsets = element_offsets(call.table, n, kNormCols, kNormNumel);
+  call.dtype = dtype;
+  call.coef = static_cast<float>(coef);
+  parallel_over_elements(
+      pick_isa<NormCall>(scale_range_baseline, scale_range_avx2, scale_range_avx512), call,
+      call.offsets[n], nthreads);
+}
+
 void sgd_step_cpu(int64_t table_addr, int64_t n, double lr, double momentum, double dampening,
                   double weight_decay, bool nesterov, bool maximize, int dtype, int grad_dtype,
                   double grad_inv_scale, int nthreads) {

@@ -47,6 +47,16 @@ struct RmspropCall {
   float grad_inv_scale;
 };
 
+// Gradient norm and scaling over a [n, kNormCols] table of grads.
+struct NormCall {
+  const int64_t* table;
+  int64_t n;
+  const int64_t* offsets;
+  int dtype;
+  int norm;                            // 1, 2, or 0 for the max-abs (inf) norm
+  float coef;                          // scale_grads: the multiplier
+};
+
 // Processes elements [begin, end) of the concatenation of all tensors.
 void adam_range_baseline(const AdamCall& call, int64_t begin, int64_t end);
 void adam_range_avx2(const AdamCall& call, int64_t begin, int64_t end);
@@ -62,6 +72,19 @@ void rmsprop_range_avx512(const RmspropCall& call, int64_t begin, int64_t end);
 // grad_inv_scale (GradScaler's 1 / scale, 1 for none) multiplies every grad
 // in place before the update, as torch's fused optimizers do. grad_dtype is
 // the param dtype, except with fp32 master weights (see optim_table.h).
+double norm_range_baseline(const NormCall& call, int64_t begin, int64_t end);
+double norm_range_avx2(const NormCall& call, int64_t begin, int64_t end);
+double norm_range_avx512(const NormCall& call, int64_t begin, int64_t end);
+void scale_range_baseline(const NormCall& call, int64_t begin, int64_t end);
+void scale_range_avx2(const NormCall& call, int64_t begin, int64_t end);
+void scale_range_avx512(const NormCall& call, int64_t begin, int64_t end);
+
+// sum |g|^p over all grads for norm p = 1 or 2, or max |g| for norm 0 (inf);
+// NaN propagates. Accumulates in float lanes per block, then in double.
+double grad_norm_cpu(int64_t table_addr, int64_t n, int dtype, int norm, int nthreads);
+// g *= coef for every grad, in place.
+void scale_grads_cpu(int64_t table_addr, int64_t n, int dtype, double coef, int nthreads);
+
 void sgd_step_cpu(int64_t table_addr, int64_t n, double lr, double momentum, double dampening,
                   double weight_decay, bool nesterov, bool maximize, int dtype, int grad_dtype,
                   double grad_inv_scale, int nthreads);
