@@ -67,8 +67,10 @@ PYBIND11_MODULE(_C, m) {
         "Fused RMSprop over an address table (csrc/common/optim_table.h).");
 
   m.def("grad_norm", &pyopt::grad_norm_cpu, py::call_guard<py::gil_scoped_release>(),
-        py::arg("table"), py::arg("n"), py::arg("dtype"), py::arg("norm"), py::arg("nthreads"),
-        "sum |g|^p (p = 1, 2) or max |g| (norm = 0) over an int64 [n, 2] (address, numel) table.");
+        py::arg("table"), py::arg("n"), py::arg("dtype"), py::arg("norm"), py::arg("coef"),
+        py::arg("nthreads"),
+        "sum |g|^p (p = 1, 2) or max |g| (norm = 0) over an int64 [n, 2] (address, numel) "
+        "table; coef != 1 also scales the grads in place in the same pass.");
   m.def("scale_grads", &pyopt::scale_grads_cpu, py::call_guard<py::gil_scoped_release>(),
         py::arg("table"), py::arg("n"), py::arg("dtype"), py::arg("coef"), py::arg("nthreads"),
         "g *= coef in place over an int64 [n, 2] (address, numel) table.");

@@ -87,7 +87,8 @@ void check_dtype(int dtype, const char* op) {
 
 }  // namespace
 
-double grad_norm_cpu(int64_t table_addr, int64_t n, int dtype, int norm, int nthreads) {
+double grad_norm_cpu(int64_t table_addr, int64_t n, int dtype, int norm, double coef,
+                     int nthreads) {
   check_dtype(dtype, "grad_norm");
   if (norm != 0 && norm != 1 && norm != 2)
     throw std::invalid_argument("grad_norm: norm must be 1, 2 or 0 (inf)");
@@ -98,6 +99,7 @@ double grad_norm_cpu(int64_t table_addr, int64_t n, int dtype, int norm, int nth
   call.offsets = element_offsets(call.table, n, kNormCols, kNormNumel);
   call.dtype = dtype;
   call.norm = norm;
+  call.coef = static_cast<float>(coef);
   using NormFn = double (*)(const NormCall&, int64_t, int64_t);
   NormFn fn = norm_range_baseline;
 #if defined(PYOPT_HAVE_X86_VARIANTS)

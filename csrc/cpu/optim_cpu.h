@@ -81,7 +81,10 @@ void scale_range_avx512(const NormCall& call, int64_t begin, int64_t end);
 
 // sum |g|^p over all grads for norm p = 1 or 2, or max |g| for norm 0 (inf);
 // NaN propagates. Accumulates in float lanes per block, then in double.
-double grad_norm_cpu(int64_t table_addr, int64_t n, int dtype, int norm, int nthreads);
+// coef != 1 also multiplies every grad by coef in the same pass, after reading
+// it (GradScaler's check-and-unscale).
+double grad_norm_cpu(int64_t table_addr, int64_t n, int dtype, int norm, double coef,
+                     int nthreads);
 // g *= coef for every grad, in place.
 void scale_grads_cpu(int64_t table_addr, int64_t n, int dtype, double coef, int nthreads);
 

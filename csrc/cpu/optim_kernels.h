@@ -391,6 +391,16 @@ static double norm_rows(const NormCall& c, int64_t begin, int64_t end) {
       const double r = norm_block<NORM>(x, k);
       if (NORM == 0) total = (r > total || r != r) ? r : total;
       else total += r;
+      if (c.coef != 1.0f) {  // check-and-unscale: scale the block while it is in L1
+        if constexpr (is_f32<T>) {
+          float* w = const_cast<float*>(x);
+          for (int64_t i = 0; i < k; ++i) w[i] = w[i] * c.coef;
+        } else {
+          for (int64_t i = 0; i < k; ++i) buf[i] *= c.coef;
+          T* w = const_cast<T*>(g) + i0;
+          for (int64_t b = 0; b < k; b += kBlock) store_block(buf + b, w + b, k - b < kBlock ? k - b : kBlock);
+        }
+      }
     }
   });
   return total;

@@ -32,15 +32,15 @@ def _machine(device, threads) -> dict:
 
 
 def format_table(records, limits) -> str:
-    head = f"{'case':24s} {'implementation':22s} {'median ms':>10s} {'IQR ms':>8s} {'reps':>5s} " \
+    head = f"{'case':26s} {'implementation':38s} {'median ms':>10s} {'IQR ms':>8s} {'reps':>5s} " \
            f"{'GB/s':>7s} {'of RMW':>7s} {'speedup':>8s}"
     lines = [head, "-" * len(head)]
     for r in records:
         if r["status"] != "ok":
-            lines.append(f"{r['case']:24s} {r['impl']:22s} {r['status']}: {r.get('reason', '')}")
+            lines.append(f"{r['case']:26s} {r['impl']:38s} {r['status']}: {r.get('reason', '')}")
             continue
         sp = r.get("speedup")
-        lines.append(f"{r['case']:24s} {r['impl']:22s} {r['median_ms']:10.3f} {r['iqr_ms']:8.3f} "
+        lines.append(f"{r['case']:26s} {r['impl']:38s} {r['median_ms']:10.3f} {r['iqr_ms']:8.3f} "
                      f"{r['reps']:5d} {r['gbps']:7.1f} {r['of_rmw']:7.0%} "
                      f"{(f'{sp:.2f}x' if sp else '-'):>8s}")
     return "\n".join(lines)

@@ -30,6 +30,8 @@ class Case:
     kwargs: dict = field(default_factory=dict)
     lists: int = 7                 # tensors moved per param (byte model above)
     cache_resident: bool = False
+    kind: str = "step"             # "step", "amp" (GradScaler step) or "clip"
+    bytes_per_param: float | None = None   # overrides lists * element size
 
     @property
     def numel(self):
@@ -51,7 +53,20 @@ def cases(device: str, quick: bool) -> list[Case]:
             Case("AdamW 2000 x 1K fp32", [1024] * 2000, torch.float32),
             Case("AdamW 16M bf16", [16 << 20], torch.bfloat16),
             Case("SGD momentum 64M fp32", [64 << 20], torch.float32, **sgd),
-            Case("RMSprop 64M fp32", [64 << 20], torch.float32, **rms)]
+            Case("RMSprop 64M fp32", [64 << 20], torch.float32, **rms),
+            # master: read fp32 master, bf16 grad, fp32 m, v; write master, m, v, bf16 param
+            Case("AdamW 16M bf16 master", [16 << 20], torch.bfloat16,
+                 kwargs={"master_weights": True}, bytes_per_param=28),
+            # GradScaler step: the unscale reads and writes the grad once more
+            Case("AdamW+GradScaler 16M fp32", [16 << 20], torch.float32, kind="amp", lists=9),
+            # clip below max_norm: read every grad for the norm (torch also
+            # multiplies by 1; pyopt skips that no-op)
+            Case("clip_grad_norm_ 200 x 80K", [80_000] * 200, torch.float32, kind="clip",
+                 kwargs={"max_norm": 1e9}, lists=1),
+            # clipping: norm pass and scale pass, plus a grads *= 2 pass that
+            # undoes the halving so every call clips (timed for all, in the bytes)
+            Case("clip_grad_norm_ 200 x 80K clipping", [80_000] * 200, torch.float32,
+                 kind="clip", kwargs={"max_norm": 2000.0, "restore": 2.0}, lists=5)]
 
 
 # torch.optim classes that have a fused CPU/CUDA implementation.
@@ -59,14 +74,77 @@ _TORCH_FUSED = {"Adam", "AdamW", "SGD"}
 
 
 def impls(device: str, case: Case | None = None) -> dict:
+    """{name: (factory or None, reason)}; factory(params) -> a callable that
+    runs one timed operation on params whose .grad is set."""
+    kind = case.kind if case else "step"
+    if kind == "clip":
+        ok, why = _backends.availability("native", device)
+        max_norm = case.kwargs["max_norm"]
+        restore = case.kwargs.get("restore")
+
+        def clip(fn, **kw):
+            def make(ps):
+                grads = [p.grad for p in ps]
+
+                def run():
+                    if restore:
+                        torch._foreach_mul_(grads, restore)
+                    fn(ps, max_norm, **kw)
+                return run
+            return make
+        return {"pyopt native": (clip(pyopt.clip_grad_norm_) if ok else None, why),
+                "torch foreach=False": (clip(torch.nn.utils.clip_grad_norm_, foreach=False), ""),
+                "torch foreach=True": (clip(torch.nn.utils.clip_grad_norm_, foreach=True), "")}
+    if kind == "amp":
+        out = {}
+        for b in ("native", "numba"):
+            ok, why = _backends.availability(b, device)
+            out[f"pyopt {b}"] = ((lambda ps, b=b: _amp_step(pyopt.optim.AdamW(ps, backend=b),
+                                                             device, unscale_first=False))
+                                 if ok else None, why)
+            out[f"pyopt {b} + pyopt.amp.GradScaler"] = (
+                (lambda ps, b=b: _amp_step(pyopt.optim.AdamW(ps, backend=b), device,
+                                           unscale_first=False, scaler_cls=pyopt.amp.GradScaler))
+                if ok else None, why)
+        out["torch unscale_ + fused=True"] = (lambda ps: _amp_step(
+            torch.optim.AdamW(ps, fused=True), device, unscale_first=True), "")
+        out["torch fused=True (GradScaler protocol)"] = (lambda ps: _amp_step(
+            torch.optim.AdamW(ps, fused=True), device, unscale_first=False), "")
+        return out
+    return {name: ((lambda ps, f=f: f(ps).step) if f else None, why)
+            for name, (f, why) in optimizers(device, case).items()}
+
+
+def _amp_step(opt, device, unscale_first, scaler_cls=torch.amp.GradScaler):
+    """scaler.step(opt) as a training loop runs it. The scale alternates
+    between 2 and 1/2 so that repeated unscaling neither grows nor shrinks
+    the grads; growth_interval keeps GradScaler from changing it."""
+    scaler = scaler_cls(device, init_scale=2.0, growth_interval=1 << 30)
+    scaler.scale(torch.ones((), device=device))   # creates the scale tensor
+    flip = [2.0]
+
+    def step():
+        flip[0] = 0.5 if flip[0] == 2.0 else 2.0
+        scaler._scale.fill_(flip[0])
+        if unscale_first:
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+    return step
+
+
+def optimizers(device: str, case: Case | None = None) -> dict:
     """{name: (factory or None, reason)}; factory(params) -> optimizer."""
     opt = case.optimizer if case else "AdamW"
     kw = case.kwargs if case else {}
+    pyopt_only = {k: v for k, v in kw.items() if k == "master_weights"}
+    kw = {k: v for k, v in kw.items() if k not in pyopt_only}
     ours, theirs = getattr(pyopt.optim, opt), getattr(torch.optim, opt)
     out = {}
     for b in ("native", "numba"):
         ok, why = _backends.availability(b, device)
-        out[f"pyopt {b}"] = ((lambda ps, b=b: ours(ps, backend=b, **kw)) if ok else None, why)
+        out[f"pyopt {b}"] = ((lambda ps, b=b: ours(ps, backend=b, **kw, **pyopt_only))
+                             if ok else None, why)
     out["torch foreach=False"] = (lambda ps: theirs(ps, foreach=False, **kw), "")
     out["torch foreach=True"] = (lambda ps: theirs(ps, foreach=True, **kw), "")
     if opt in _TORCH_FUSED:
@@ -77,7 +155,11 @@ def impls(device: str, case: Case | None = None) -> dict:
 
 
 def baseline(case: Case) -> str:
-    """What pyopt is compared with: torch's fastest implementation of the optimizer."""
+    """What pyopt is compared with: torch's fastest implementation of the operation."""
+    if case.kind == "clip":
+        return "torch foreach=True"
+    if case.kind == "amp":
+        return "torch unscale_ + fused=True"
     return "torch fused=True" if case.optimizer in _TORCH_FUSED else "torch foreach=True"
 
 
@@ -106,19 +188,21 @@ def run(device="cpu", quick=False, min_time=None, progress=None, only=None) -> l
                    "numel": case.numel, "tensors": len(case.sizes),
                    "dtype": str(case.dtype).replace("torch.", ""),
                    "optimizer": case.optimizer, "baseline": base_name,
-                   "bytes_per_step": case.lists * case.numel * case.dtype.itemsize}
+                   "bytes_per_step": case.numel * (
+                       case.bytes_per_param if case.bytes_per_param and name.startswith("pyopt")
+                       else case.lists * case.dtype.itemsize)}
             records.append(rec)
             if factory is None:
                 rec.update(status="unavailable", reason=why)
                 continue
             ps = [p.clone().requires_grad_() for p in p0]
-            for p, g in zip(ps, grads):
-                p.grad = g
-            opt = factory(ps)
-            opt.step()          # first step: creates state, compiles, and is checked
+            for p, g in zip(ps, grads):   # amp and clip rewrite the grads: own copies
+                p.grad = g if case.kind == "step" else g.clone()
+            fn = factory(ps)
+            fn()                # first call: creates state, compiles, and is checked
             if sync:
                 sync()
-            got = [p.detach() for p in ps]
+            got = [p.grad if case.kind == "clip" else p.detach() for p in ps]
             if expect is None:
                 expect = [t.clone() for t in got]
             else:
@@ -129,7 +213,7 @@ def run(device="cpu", quick=False, min_time=None, progress=None, only=None) -> l
                 except AssertionError as e:
                     rec.update(status="failed", reason=f"wrong result: {str(e).splitlines()[0]}")
                     continue
-            steps[name] = opt.step
+            steps[name] = fn
             recs[name] = rec
         timings = interleaved(steps, min_time=min_time, sync=sync, cuda=device == "cuda",
                               burst=20 if case.cache_resident else 1)

@@ -64,7 +64,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         table = np.array([(g.data_ptr(), g.numel()) for g in gs], dtype=np.int64).reshape(-1, 2)
         tables[dt] = table
         partials.append(mod.grad_norm(table.ctypes.data, len(gs), _checks.DTYPE_CODES[dt],
-                                      _NATIVE_NORMS[norm_type], nthreads))
+                                      _NATIVE_NORMS[norm_type], 1.0, nthreads))
     if norm_type == math.inf:
         total = math.nan if any(r != r for r in partials) else max(partials)
     else:
