@@ -12,6 +12,17 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SUPPORTED = "float32, bfloat16 or float16"
 
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed
+    _DTensor = ()
+
+
+def local(t):
+    """The local shard of a DTensor (what the kernels address), else t itself."""
+    return t._local_tensor if _DTensor and isinstance(t, _DTensor) else t
+
+
 def scalar(x, name: str) -> float:
     """A Python float from a float or a 1-element tensor."""
     if isinstance(x, torch.Tensor):
@@ -57,10 +68,20 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _plain(t, where, what):
+    """Tensor subclasses other than Parameter and DTensor may not own their
+    data (wrapper subclasses): their data_ptr() is not the elements."""
+    if not (type(t) in (torch.Tensor, torch.nn.Parameter)
+            or (_DTensor and isinstance(t, _DTensor))):
+        raise TypeError(f"{where}: {what} of tensor subclass {type(t).__name__} is not "
+                        "supported by pyopt's kernels; use torch.optim for it")
+
+
 def param(p: torch.Tensor, where: str) -> None:
     """A parameter the native optimizers can update in place."""
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{where}: expected a Tensor, got {type(p).__name__}")
+    _plain(p, where, "parameter")
     if p.layout is not torch.strided:
         raise ValueError(f"{where}: {p.layout} parameters are not supported")
     if p.is_complex():
@@ -76,6 +97,7 @@ def param(p: torch.Tensor, where: str) -> None:
 def grad(p: torch.Tensor, g: torch.Tensor, where: str, optimizer: str) -> None:
     """The gradient of ``p`` as the kernels read it: same dtype, shape, device
     and memory layout as the parameter."""
+    _plain(g, where, "gradient")
     if g.is_sparse or g.layout is not torch.strided:
         raise RuntimeError(f"{optimizer} does not support sparse gradients ({where}), "
                            "please consider SparseAdam instead")

@@ -33,6 +33,10 @@ CASES = {
     "group-on-two-devices": ("p = torch.zeros(4, requires_grad=True); q = torch.zeros(4, device='meta', requires_grad=True)\n"
                              "opt = cls([p, q]); p.grad = torch.ones(4); q.grad = torch.ones(4, device='meta')",
                              "opt.step()", "ValueError", "one device"),
+    "tensor-subclass-param": ("class Sub(torch.Tensor): pass\n"
+                              "p = torch.zeros(4).as_subclass(Sub).requires_grad_(); opt = cls([p])\n"
+                              "p.grad = torch.ones(4)",
+                              "opt.step()", "TypeError", "tensor subclass Sub"),
     "negative-lr": ("p = torch.zeros(4, requires_grad=True)", "cls([p], lr=-1.0)",
                     "ValueError", "learning rate"),
     "negative-lr-later": ("p = torch.zeros(4, requires_grad=True); opt = cls([p]); p.grad = torch.ones(4)\n"

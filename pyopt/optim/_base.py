@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import _backends, _checks
+from .._checks import local
 from ._state import OptimizerState, ParamState
 
 
@@ -25,7 +26,7 @@ class _Bucket:
 
     __slots__ = ("pos", "params", "states", "steps", "nbytes", "strides", "table",
                  "device", "dev_index", "dtype", "backend", "pptrs", "state_ids", "getters",
-                 "keep", "masks", "masked", "master", "masters")
+                 "keep", "masks", "masked", "master", "masters", "dtensor")
 
     def __init__(self, device, dtype):
         self.device, self.dtype = device, dtype
@@ -34,6 +35,9 @@ class _Bucket:
         self.strides = None   # per-param strides when some param is dense but not contiguous
 
     def finish(self, state_keys, grads, backend_request, extra_column, masks, master):
+        # DTensor params (FSDP2) are stepped on their local shards: every
+        # address and size below is the local tensor's.
+        self.dtensor = any(local(p) is not p for p in self.params)
         n, k = len(self.params), len(state_keys)
         # columns: param (or its fp32 master), grad, state tensors..., step,
         # numel, mask, 16-bit param written from the master
@@ -43,22 +47,24 @@ class _Bucket:
         self.masks = [masks.get(p) for p in self.params]
         self.masked = any(m is not None for m in self.masks)
         for i, (p, g, st, step) in enumerate(zip(self.params, grads, self.states, self.steps)):
-            self.table[i, 0] = self.masters[i].data_ptr() if master else p.data_ptr()
+            p, g = local(p), local(g)
+            self.table[i, 0] = local(self.masters[i]).data_ptr() if master else p.data_ptr()
             self.table[i, 1] = g.data_ptr()
             for j, key in enumerate(state_keys):
                 t = st.get(key)
-                self.table[i, 2 + j] = 0 if t is None else t.data_ptr()
+                self.table[i, 2 + j] = 0 if t is None else local(t).data_ptr()
             self.table[i, k + 2] = extra_column(st)
             self.table[i, k + 3] = p.numel()
             self.table[i, k + 4] = 0 if self.masks[i] is None else self.masks[i].data_ptr()
             self.table[i, k + 5] = p.data_ptr() if master else 0
-        self.pptrs = [p.data_ptr() for p in self.params]
-        if not all(p.is_contiguous() for p in self.params):
-            self.strides = [p.stride() for p in self.params]
+        lps = [local(p) for p in self.params]
+        self.pptrs = [p.data_ptr() for p in lps]
+        if not all(p.is_contiguous() for p in lps):
+            self.strides = [p.stride() for p in lps]
         # The table holds raw state addresses. Keep their storages alive even
         # if a tensor's .data is swapped; a swapped-in tensor is noticed by the
         # state version (pyopt.optim._state) or, for plain dicts, by identity.
-        self.keep = [t.untyped_storage() for st in self.states
+        self.keep = [local(t).untyped_storage() for st in self.states
                      for t in st.values() if isinstance(t, torch.Tensor)]
         self.getters = []
         if not all(type(st) is ParamState for st in self.states):
@@ -76,6 +82,8 @@ class _Bucket:
         params' data and the state tensors. On success the table holds this
         step's grad addresses; False sends the group through the full checks."""
         dt, dev = self.dtype, self.dev_index
+        if self.dtensor:
+            ps, gs = [local(p) for p in ps], [local(g) for g in gs]
         try:
             if self.strides is None:
                 gptrs = [g.data_ptr() if (g.dtype is dt and g.is_contiguous() and g.nbytes == nb
@@ -125,7 +133,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _extra_column(self, st) -> int:
         """The table column after the state lists: the step tensor's address."""
-        return st["step"].data_ptr()
+        return local(st["step"]).data_ptr()
 
     def __init__(self, params, defaults, backend, master_weights=False):
         self._backend = _backends.requested(backend)
@@ -340,6 +348,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             where = f"param_groups[{gi}] param {i} (shape {tuple(p.shape)})"
             _checks.param(p, where)
             _checks.grad(p, g, where, name)
+            if local(p) is not p:
+                _checks.param(local(p), where + " (local shard)")
+                _checks.grad(local(p), local(g), where + " (local shard)", name)
             if device is None:
                 device = p.device
             elif p.device != device:
@@ -377,7 +388,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             b.params.append(p)
             b.states.append(st)
             b.steps.append(st.get("step"))
-            b.nbytes.append(p.nbytes)
+            b.nbytes.append(local(p).nbytes)
         plan = _Plan()
         plan.params, plan.flags = list(ps), flags
         plan.buckets = list(buckets.values())
