@@ -1,15 +1,15 @@
-"""Command line of `pyopt bench`."""
+"""Command line of `pyopt bench`: see `pyopt bench -h` and bench/README.md."""
 from __future__ import annotations
 
 import argparse
-import json
+import datetime
 import os
 import platform
 import sys
 
 import torch
 
-from . import SUITES
+from . import SUITES, peers, report
 from .timing import bandwidth_limits
 
 
@@ -31,9 +31,9 @@ def _machine(device, threads) -> dict:
     return m
 
 
-def format_table(records, limits) -> str:
-    head = f"{'case':26s} {'implementation':38s} {'median ms':>10s} {'IQR ms':>8s} {'reps':>5s} " \
-           f"{'GB/s':>7s} {'of RMW':>7s} {'speedup':>8s}"
+def format_table(records) -> str:
+    head = (f"{'case':26s} {'implementation':38s} {'median ms':>10s} {'IQR ms':>8s} "
+            f"{'reps':>5s} {'GB/s':>7s} {'of RMW':>7s} {'speedup':>8s}")
     lines = [head, "-" * len(head)]
     for r in records:
         if r["status"] != "ok":
@@ -48,11 +48,12 @@ def format_table(records, limits) -> str:
 
 def format_markdown(records, limits, machine) -> str:
     lines = [f"Machine: {machine['cpu']}, {machine['threads']} threads, ISA {machine['cpu_isa']}, "
-             f"torch {machine['torch']}. Same-run bandwidth: copy {limits['copy']:.1f} GB/s, "
-             f"triad {limits['triad']:.1f} GB/s, in-place RMW {limits['rmw']:.1f} GB/s.", "",
-             "`of RMW`: achieved GB/s over the in-place RMW bandwidth timed in alternation with the "
-             "same case. `speedup`: against torch's fastest implementation of that optimizer "
-             "(`fused=True` where torch has one, else `foreach=True`).", "",
+             f"torch {machine['torch']}. Same-run references: copy {limits['copy_gbps']:.1f} GB/s, "
+             f"triad {limits['triad_gbps']:.1f} GB/s, in-place RMW {limits['rmw_gbps']:.1f} GB/s, "
+             f"fp32 GEMM {limits['gemm_gflops']:.0f} GFLOP/s.", "",
+             "`of RMW`: achieved GB/s over the in-place RMW bandwidth timed in alternation with "
+             "the same case. `speedup`: against torch's fastest implementation of the same "
+             "operation (`fused=True` where torch has one).", "",
              "| case | implementation | median ms | GB/s | of RMW | speedup |",
              "|---|---|---:|---:|---:|---:|"]
     for r in records:
@@ -65,8 +66,36 @@ def format_markdown(records, limits, machine) -> str:
     return "\n".join(lines)
 
 
+class _Progress:
+    """A rich progress bar when rich is installed, else one line per case."""
+
+    def __init__(self, total, enabled):
+        self.bar = None
+        if enabled:
+            try:
+                from rich.progress import Progress
+                self.bar = Progress(transient=True)
+                self.task = self.bar.add_task("pyopt bench", total=total)
+                self.bar.start()
+            except ImportError:
+                pass
+        self.enabled = enabled
+
+    def __call__(self, msg):
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=msg)
+        elif self.enabled:
+            print(f"  running {msg} ...", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.stop()
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="pyopt bench", description=__doc__)
+    ap = argparse.ArgumentParser(prog="pyopt bench",
+                                 description="pyopt kernels against stock PyTorch and peers, "
+                                             "with same-run machine limits")
     ap.add_argument("suites", nargs="*", help=f"suites to run (default: all of {', '.join(SUITES)})")
     ap.add_argument("--quick", action="store_true", help="short timing windows (about a minute)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -75,9 +104,17 @@ def main(argv=None) -> int:
     ap.add_argument("--min-time", type=float, default=None,
                     help="seconds of measured time per implementation and case")
     ap.add_argument("--impl", action="append", default=None,
-                    help="only these implementations (the torch fused baseline always runs)")
-    ap.add_argument("--out", default=None, help="write results.json and results.md here")
-    ap.add_argument("--list", action="store_true", help="list suites, cases and implementations")
+                    help="only these implementations (the baseline always runs)")
+    ap.add_argument("--out", default=None,
+                    help="write results.json, results.csv, results.md and PNG plots here")
+    ap.add_argument("--compare", default=None, metavar="OLD.json",
+                    help="print each case's time ratio new/old against an earlier results.json")
+    ap.add_argument("--fail-if-regression", type=float, default=None, metavar="X",
+                    help="with --compare: exit 1 when a case is slower by more than X (0.10 = "
+                         "10%%) beyond the noise (IQR) of both runs")
+    ap.add_argument("--list", action="store_true",
+                    help="list suites, cases, implementations and which peers are installed")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
     suites = args.suites or list(SUITES)
@@ -85,15 +122,27 @@ def main(argv=None) -> int:
         if s not in SUITES:
             ap.error(f"unknown suite {s!r}; choose from {', '.join(SUITES)}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: torch sees no CUDA device")
+        ap.error("--device cuda: torch sees no CUDA device on this machine")
+    if args.fail_if_regression is not None and not args.compare:
+        ap.error("--fail-if-regression needs --compare OLD.json")
+    old = None
+    if args.compare:
+        try:
+            old = report.load(args.compare)
+        except (OSError, ValueError) as e:
+            ap.error(f"--compare: {e}")
     if args.list:
         for s in suites:
             mod = SUITES[s]
             print(f"{s}:")
             for c in mod.cases(args.device, args.quick):
-                print(f"  case  {c.name}")
-            for name, (factory, why) in mod.impls(args.device, None).items():
-                print(f"  impl  {name}" + ("" if factory else f"  (unavailable: {why})"))
+                names = ", ".join(f"{n}" + ("" if f else " (unavailable)")
+                                  for n, (f, _) in mod.impls(args.device, c).items())
+                print(f"  case  {c.name}: {names}")
+        print("peers:")
+        for name, d in peers.detect(args.device).items():
+            state = "installed" if d["available"] else f"missing: {d['reason']}"
+            print(f"  {name:13s} {state}  ({d['provides']})")
         return 0
 
     if args.threads:
@@ -102,23 +151,37 @@ def main(argv=None) -> int:
     machine = _machine(args.device, threads)
     print(f"pyopt bench: {machine['cpu']}, {threads} threads, ISA {machine['cpu_isa']}, "
           f"torch {machine['torch']}", flush=True)
-    limits = bandwidth_limits(args.device, min_time=0.3 if args.quick else 1.0)
-    print(f"same-run bandwidth: copy {limits['copy']:.1f} GB/s, triad {limits['triad']:.1f} GB/s, "
-          f"in-place RMW {limits['rmw']:.1f} GB/s (256 MiB arrays)", flush=True)
+    tiny = bool(os.environ.get("PYOPT_BENCH_TINY"))   # the test suite's sizes
+    limits = bandwidth_limits(args.device, nbytes=(1 << 20) if tiny else 256 << 20,
+                              min_time=0.01 if tiny else (0.3 if args.quick else 1.0))
+    print(f"same-run references: copy {limits['copy_gbps']:.1f} GB/s, triad "
+          f"{limits['triad_gbps']:.1f} GB/s, in-place RMW {limits['rmw_gbps']:.1f} GB/s "
+          f"(256 MiB arrays), fp32 GEMM {limits['gemm_gflops']:.0f} GFLOP/s", flush=True)
 
     records = []
-    for s in suites:
-        progress = (lambda msg: print(f"  running {msg} ...", file=sys.stderr, flush=True))
-        records += SUITES[s].run(args.device, args.quick, min_time=args.min_time,
-                                 progress=progress, only=args.impl)
-    print(format_table(records, limits))
-    print("speedup: against torch fused=True, or foreach=True where torch has no fused version")
+    total = sum(len(SUITES[s].cases(args.device, args.quick)) for s in suites)
+    progress = _Progress(total, not args.no_progress)
+    try:
+        for s in suites:
+            records += SUITES[s].run(args.device, args.quick, min_time=args.min_time,
+                                     progress=progress, only=args.impl)
+    finally:
+        progress.close()
+    print(format_table(records))
+    doc = {"schema": report.SCHEMA, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+           "command": ["pyopt", "bench", *(argv if argv is not None else sys.argv[2:])],
+           "machine": machine, "limits": limits, "peers": peers.detect(args.device),
+           "results": records}
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({"machine": machine, "limits": limits, "results": records}, f, indent=2)
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(format_markdown(records, limits, machine) + "\n")
-        print(f"wrote {args.out}/results.json and results.md")
-    failed = [r for r in records if r["status"] == "failed"]
-    return 1 if failed else 0
+        paths = report.write_all(args.out, doc, format_markdown(records, limits, machine))
+        print("wrote " + ", ".join(paths))
+    status = 1 if any(r["status"] == "failed" for r in records) else 0
+    if old is not None:
+        lines, regressions = report.compare(doc, old, args.fail_if_regression)
+        print(f"compared with {args.compare}:")
+        print("\n".join("  " + line for line in lines))
+        if args.fail_if_regression is not None and regressions:
+            print(f"{len(regressions)} regression(s) beyond {args.fail_if_regression:.0%} "
+                  "and the noise of both runs")
+            status = 1
+    return status

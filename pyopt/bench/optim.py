@@ -11,6 +11,7 @@ timed in alternation with the case, the wall this kind of op can reach.
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ import torch
 import pyopt
 from pyopt import _backends
 
+from . import peers
 from .timing import interleaved
 
 
@@ -39,6 +41,13 @@ class Case:
 
 
 def cases(device: str, quick: bool) -> list[Case]:
+    if os.environ.get("PYOPT_BENCH_TINY"):   # tests: every case kind, tiny sizes
+        return [Case("AdamW tiny", [1000, 17], torch.float32),
+                Case("SGD tiny", [999], torch.float32, optimizer="SGD",
+                     kwargs={"lr": 1e-3, "momentum": 0.9}, lists=5),
+                Case("AdamW+GradScaler tiny", [500], torch.float32, kind="amp", lists=9),
+                Case("clip tiny", [300, 20], torch.float32, kind="clip",
+                     kwargs={"max_norm": 1e-3}, lists=3)]
     sgd = dict(optimizer="SGD", kwargs={"lr": 1e-3, "momentum": 0.9}, lists=5)
     rms = dict(optimizer="RMSprop", kwargs={"lr": 1e-3}, lists=5)
     if device == "cuda":
@@ -111,8 +120,11 @@ def impls(device: str, case: Case | None = None) -> dict:
         out["torch fused=True (GradScaler protocol)"] = (lambda ps: _amp_step(
             torch.optim.AdamW(ps, fused=True), device, unscale_first=False), "")
         return out
-    return {name: ((lambda ps, f=f: f(ps).step) if f else None, why)
-            for name, (f, why) in optimizers(device, case).items()}
+    out = {name: ((lambda ps, f=f: f(ps).step) if f else None, why)
+           for name, (f, why) in optimizers(device, case).items()}
+    if case is not None:
+        out.update(peers.optimizer_impls(device, case))
+    return out
 
 
 def _amp_step(opt, device, unscale_first, scaler_cls=torch.amp.GradScaler):
@@ -163,22 +175,26 @@ def baseline(case: Case) -> str:
     return "torch fused=True" if case.optimizer in _TORCH_FUSED else "torch foreach=True"
 
 
-def run(device="cpu", quick=False, min_time=None, progress=None, only=None) -> list[dict]:
+def run(device="cpu", quick=False, min_time=None, progress=None, only=None, case_list=None,
+        extra_impls=None, rmw_elems=64 << 20) -> list[dict]:
     """Measure every (case, implementation), interleaved with the same-run
-    in-place RMW reference; returns one record each."""
+    in-place RMW reference; returns one record each. ``case_list`` and
+    ``extra_impls`` ({name: factory}) replace the cases and add
+    implementations (tests use tiny cases and a deliberately wrong one)."""
     min_time = min_time if min_time is not None else (0.3 if quick else 1.0)
     sync = torch.cuda.synchronize if device == "cuda" else None
     records = []
-    n_rmw = 64 << 20   # 256 MiB fp32 arrays, 12 B/elem
+    n_rmw = (1 << 16) if os.environ.get("PYOPT_BENCH_TINY") else rmw_elems  # 12 B/elem
     x = torch.rand(n_rmw, device=device)
     y = torch.rand(n_rmw, device=device)
-    for case in cases(device, quick):
+    for case in case_list or cases(device, quick):
         if progress:
             progress(f"optim {case.name}")
         gen = torch.Generator().manual_seed(0)
         p0 = [torch.randn(n, generator=gen).to(device, case.dtype) for n in case.sizes]
         grads = [torch.randn(n, generator=gen).to(device, case.dtype) for n in case.sizes]
         table = impls(device, case)
+        table.update({k: (f, "") for k, f in (extra_impls or {}).items()})
         base_name = baseline(case)
         names = [base_name] + [k for k in table if k != base_name and (not only or k in only)]
         expect, steps, recs = None, {"rmw": lambda: y.add_(x, alpha=1e-9)}, {}
@@ -222,7 +238,8 @@ def run(device="cpu", quick=False, min_time=None, progress=None, only=None) -> l
         for name, rec in recs.items():
             t = timings[name]
             gbps = rec["bytes_per_step"] / t.median / 1e9
-            rec.update(status="ok", median_ms=t.median * 1e3, iqr_ms=t.iqr * 1e3, reps=t.reps,
+            rec.update(status="ok", median_ms=t.median * 1e3, q1_ms=t.q1 * 1e3, q3_ms=t.q3 * 1e3,
+                       iqr_ms=t.iqr * 1e3, reps=t.reps,
                        gbps=gbps, rmw_gbps=rmw, of_rmw=gbps / rmw,
                        speedup=base.median / t.median if base else None)
         del p0, grads, expect, steps, recs

@@ -120,12 +120,12 @@ def measure_cuda(fn, *, min_time=0.5, min_reps=5, warmup=3) -> Timing:
         times.append(dt)
         total += dt
     times.sort()
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return Timing(statistics.median(times), q[0], q[2], len(times))
+    return _summarize(times)
 
 
 def bandwidth_limits(device="cpu", nbytes=256 << 20, min_time=0.5) -> dict:
-    """Same-run copy, triad and in-place read-modify-write bandwidth in GB/s.
+    """Same-run copy, triad and in-place read-modify-write bandwidth in GB/s,
+    and fp32 GEMM GFLOP/s (2048^3, 2 flops per multiply-add).
 
     Byte models: copy 8 B/elem (y = x), triad 12 B/elem (a = b + s*c),
     RMW 12 B/elem (y += s*x: read x and y, write y in place). Copy and triad
@@ -140,5 +140,10 @@ def bandwidth_limits(device="cpu", nbytes=256 << 20, min_time=0.5) -> dict:
     triad = timer(lambda: torch.add(x, y, alpha=0.5, out=z), min_time=min_time)
     rmw = timer(lambda: y.add_(x, alpha=1e-9), min_time=min_time)
     del x, y, z
-    return {"copy": 8 * n / copy.median / 1e9, "triad": 12 * n / triad.median / 1e9,
-            "rmw": 12 * n / rmw.median / 1e9, "array_bytes": nbytes}
+    m = 2048 if nbytes >= 64 << 20 else 256
+    a = torch.rand(m, m, device=device)
+    b = torch.rand(m, m, device=device)
+    gemm = timer(lambda: torch.mm(a, b), min_time=min_time)
+    return {"copy_gbps": 8 * n / copy.median / 1e9, "triad_gbps": 12 * n / triad.median / 1e9,
+            "rmw_gbps": 12 * n / rmw.median / 1e9, "gemm_gflops": 2 * m ** 3 / gemm.median / 1e9,
+            "array_bytes": nbytes}
