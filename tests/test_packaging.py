@@ -1,0 +1,82 @@
+"""Build configurations that CI cannot see from an installed wheel: the
+portable (non-x86) kernels, an aarch64 cross-compile when a cross compiler
+is present, and PYOPT_CUDA=ON without nvcc."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cmake_configure(build_dir, *defines, env=None):
+    import pybind11
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run(
+        ["cmake", "-S", ROOT, "-B", str(build_dir), f"-DPython_EXECUTABLE={sys.executable}",
+         f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", *defines],
+        capture_output=True, text=True, env=e, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_portable_build_compiles_and_runs(tmp_path):
+    """PYOPT_FORCE_PORTABLE builds only the baseline kernels, with no x86
+    intrinsics or CPUID: the code path of aarch64 and other platforms."""
+    r = _cmake_configure(tmp_path, "-DPYOPT_FORCE_PORTABLE=ON", env={"PYOPT_CUDA": "OFF"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = subprocess.run(["cmake", "--build", str(tmp_path), "-j2"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    so = [f for f in os.listdir(tmp_path) if f.startswith("_C.") and f.endswith(".so")]
+    assert so, os.listdir(tmp_path)
+    # load it in place of the installed module and check it against the reference
+    code = f"""
+import importlib.util, sys, torch, pyopt
+spec = importlib.util.spec_from_file_location("pyopt._C", {os.path.join(str(tmp_path), so[0])!r})
+mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+assert mod.build_info()["isa_variants"] == "baseline", mod.build_info()
+sys.modules["pyopt._C"] = mod; pyopt._C = mod
+from pyopt import _backends; _backends.clear_cache()
+outs = []
+for b in ("native", "torch"):
+    p = torch.linspace(-1, 1, 5000).requires_grad_()
+    o = pyopt.optim.AdamW([p], backend=b, lr=1e-2)
+    for i in range(3):
+        p.grad = torch.cos(torch.arange(5000.0) * (i + 1))
+        o.step()
+    outs.append(p.detach())
+assert torch.equal(outs[0], outs[1])
+print("PORTABLE-OK")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "PORTABLE-OK" in r.stdout, r.stderr[-3000:]
+
+
+CROSS = shutil.which("aarch64-linux-gnu-g++")
+
+
+@pytest.mark.skipif(CROSS is None, reason="no aarch64 cross compiler (apt install g++-aarch64-linux-gnu)")
+def test_kernels_cross_compile_for_aarch64(tmp_path):
+    kernels = tmp_path / "optim_baseline.cpp"
+    kernels.write_text('#define PYOPT_ISA baseline\n#include "cpu/optim_kernels.h"\n')
+    for src in (os.path.join(ROOT, "csrc/cpu/isa.cpp"), os.path.join(ROOT, "csrc/cpu/optim.cpp"),
+                str(kernels)):
+        r = subprocess.run([CROSS, "-std=c++17", "-O3", "-fopenmp", "-ffp-contract=off",
+                            "-I", os.path.join(ROOT, "csrc"), "-c", src, "-o",
+                            str(tmp_path / (os.path.basename(src) + ".o"))],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_cuda_on_without_nvcc_fails_with_instructions(tmp_path):
+    env = {"PYOPT_CUDA": "ON", "CUDACXX": "/nonexistent/nvcc",
+           "PATH": "/usr/bin:/bin", "CUDA_PATH": "/nonexistent"}
+    r = _cmake_configure(tmp_path, env=env)
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "PYOPT_CUDA=ON but no CUDA compiler (nvcc) was found" in out, out[-3000:]
+    assert "PYOPT_CUDA=OFF" in out
