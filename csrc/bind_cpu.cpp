@@ -33,6 +33,7 @@ py::dict build_info() {
   d["isa_variants"] = PYOPT_ISA_LIST;
   d["avx2_flags"] = PYOPT_AVX2_FLAGS;
   d["avx512_flags"] = PYOPT_AVX512_FLAGS;
+  d["cuda_option"] = PYOPT_CUDA_OPTION;  // PYOPT_CUDA at build time: AUTO, ON or OFF
 #if defined(_OPENMP)
   d["openmp"] = true;
   d["openmp_version"] = _OPENMP;

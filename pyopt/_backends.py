@@ -134,6 +134,10 @@ def resolve(backend: str, device_type: str) -> str:
             raise BackendUnavailable(f"backend {backend!r} is unavailable on {device_type}: {reason}")
         return backend
     order = ("native", "numba", "torch") if device_type == "cpu" else ("native", "torch")
+    if device_type == "cpu" and os.environ.get("PYOPT_CPU_ISA", "").strip():
+        ok, reason = availability("native", "cpu")
+        if not ok:  # a forced ISA is a test setting: never hide it behind a fallback
+            raise BackendUnavailable(f"native CPU kernels unavailable: {reason}")
     reasons = []
     for name in order:
         ok, reason = availability(name, device_type)

@@ -23,7 +23,7 @@ def info() -> dict:
         d["cpu_module"] = {"built": True, "compiler": b["compiler"], "flags": b["flags"],
                            "isa_variants": b["isa_variants"].split(","),
                            "isa_flags": {"avx2": b["avx2_flags"], "avx512": b["avx512_flags"]},
-                           "openmp": b["openmp"]}
+                           "openmp": b["openmp"], "cuda_option": b.get("cuda_option")}
         d["cpu_isa"] = {"in_use": cpu.current_isa(), "best": cpu.best_isa(),
                         "forced": os.environ.get("PYOPT_CPU_ISA") or None,
                         "supported": [i for i in _backends.ISAS

