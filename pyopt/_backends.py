@@ -126,34 +126,42 @@ _warned: set = set()
 
 
 @functools.lru_cache(maxsize=None)
-def resolve(backend: str, device_type: str) -> str:
-    """The concrete backend that serves ``backend`` on ``device_type``."""
+def choose(backend: str, device_type: str) -> tuple[str, str]:
+    """(backend that serves the request on device_type, why the ones before
+    it in the auto order cannot). Raises BackendUnavailable for a forced
+    backend that cannot run."""
     if backend != "auto":
         ok, reason = availability(backend, device_type)
         if not ok:
             raise BackendUnavailable(f"backend {backend!r} is unavailable on {device_type}: {reason}")
-        return backend
-    order = ("native", "numba", "torch") if device_type == "cpu" else ("native", "torch")
+        return backend, ""
     if device_type == "cpu" and os.environ.get("PYOPT_CPU_ISA", "").strip():
         ok, reason = availability("native", "cpu")
         if not ok:  # a forced ISA is a test setting: never hide it behind a fallback
             raise BackendUnavailable(f"native CPU kernels unavailable: {reason}")
+    order = ("native", "numba", "torch") if device_type == "cpu" else ("native", "torch")
     reasons = []
     for name in order:
         ok, reason = availability(name, device_type)
         if ok:
-            if reasons and device_type not in _warned:
-                _warned.add(device_type)
-                warnings.warn(f"pyopt: using the {name!r} backend on {device_type} because "
-                              + "; ".join(reasons) + " (see `pyopt info`)", RuntimeWarning,
-                              stacklevel=3)
-            return name
+            return name, "; ".join(reasons)
         reasons.append(f"{name}: {reason}")
     raise AssertionError("the torch backend is always available")
 
 
+def resolve(backend: str, device_type: str) -> str:
+    """The concrete backend for a kernel call; the first fallback from native
+    per device warns once (``pyopt info`` shows the same reasons)."""
+    name, why = choose(backend, device_type)
+    if why and device_type not in _warned:
+        _warned.add(device_type)
+        warnings.warn(f"pyopt: using the {name!r} backend on {device_type} because {why} "
+                      "(see `pyopt info`)", RuntimeWarning, stacklevel=3)
+    return name
+
+
 def clear_cache():
     """Forget resolved choices (tests change PYOPT_* variables)."""
-    for f in (_load_cpu, _load_cuda, resolve):
+    for f in (_load_cpu, _load_cuda, choose):
         f.cache_clear()
     _warned.clear()

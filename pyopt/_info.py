@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import platform
-import warnings
 
 import torch
 
@@ -57,9 +56,7 @@ def info() -> dict:
             ok, why = _backends.availability(name, dev)
             row[name] = {"available": ok, "reason": why}
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                row["auto"] = _backends.resolve("auto", dev) if req == "auto" else req
+            row["auto"] = _backends.choose(req, dev)[0]
         except Exception as e:  # noqa: BLE001 - reported, not raised
             row["auto"] = f"error: {e}"
         backends[dev] = row

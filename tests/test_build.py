@@ -166,3 +166,37 @@ def test_numba_with_unwritable_cache_dir_still_runs():
     print('OK', p.detach()[0].item())
     """, env={"NUMBA_CACHE_DIR": "/dev/null/pyopt-cache"}, timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_missing_native_module_still_imports_and_info_explains():
+    """As on a platform without a native build: pyopt imports, auto falls back
+    with a warning, forcing native raises with the reason, info says why."""
+    r = run_python("""
+    import sys, warnings, importlib.abc
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name in ('pyopt._C', 'pyopt._C_cuda'):
+                raise ImportError(f'{name}: simulated missing native build')
+            return None
+
+    sys.meta_path.insert(0, Block())
+    import torch, pyopt
+    d = pyopt.info()
+    assert not d['cpu_module']['built'] and 'simulated' in d['cpu_module']['reason']
+    assert d['backends']['cpu']['auto'] in ('numba', 'torch')
+    p = torch.ones(3, requires_grad=True); p.grad = torch.ones(3)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        pyopt.optim.AdamW([p]).step()
+    assert any('native' in str(x.message) for x in w), [str(x.message) for x in w]
+    try:
+        pyopt.optim.AdamW([p], backend='native').step()
+    except pyopt.BackendUnavailable as e:
+        assert 'simulated' in str(e)
+        print('OK')
+    """)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "pyopt", "info"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0
