@@ -51,8 +51,9 @@ fi
 
 # 3. CUDA wheel.
 if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
-  (cd "$WORK" && PYOPT_CUDA=ON $PY -m build --no-isolation --wheel -o "$DIST/cuda" \
-     -C build-dir="$WORK/skb-cuda" "$ROOT")
+  # In the developer's build dir, which already holds the CUDA objects of
+  # the editable build.
+  (cd "$WORK" && PYOPT_CUDA=ON $PY -m build --no-isolation --wheel -o "$DIST/cuda" "$ROOT")
   CUDA_WHEEL=$(ls "$DIST"/cuda/pyopt-*.whl)
   case "$CUDA_WHEEL" in *+cu13*) ;; *) echo "CUDA wheel lacks the +cu13 tag: $CUDA_WHEEL"; exit 1;; esac
   if auditwheel show "$CUDA_WHEEL" | grep -q "libcuda"; then

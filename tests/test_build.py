@@ -200,3 +200,32 @@ def test_missing_native_module_still_imports_and_info_explains():
     r = subprocess.run([sys.executable, "-m", "pyopt", "info"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0
+
+
+def test_forcing_an_isa_the_cpu_lacks_is_a_clear_error():
+    # This CPU may have every variant, so the C++ refusal is simulated; the
+    # check itself is pyopt::isa_supported (CPUID + XGETBV) behind _C.set_isa.
+    r = run_python("""
+    import torch, pyopt, pyopt._C as C
+    def refuse(name):
+        raise ValueError(f"this CPU does not support ISA '{name}'")
+    C.set_isa = refuse
+    p = torch.ones(3, requires_grad=True); p.grad = torch.ones(3)
+    try:
+        pyopt.optim.AdamW([p]).step()
+    except pyopt.BackendUnavailable as e:
+        print('RAISED', e)
+    """, env={"PYOPT_CPU_ISA": "avx512"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "PYOPT_CPU_ISA='avx512': this CPU does not support ISA 'avx512'" in r.stdout
+
+
+def test_set_isa_refuses_unknown_and_reports_support():
+    from pyopt import _backends
+    mod = _backends.cpu_module()
+    with pytest.raises(ValueError, match="unknown ISA 'sse9'"):
+        mod.set_isa("sse9")
+    assert mod.isa_supported("baseline")
+    best = mod.best_isa()
+    assert mod.isa_supported(best)
+    assert mod.current_isa() == (os.environ.get("PYOPT_CPU_ISA") or best)
