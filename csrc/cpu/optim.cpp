@@ -31,29 +31,39 @@ RangeFn adam_range_for(Isa isa) {
   return adam_range_baseline;
 }
 
-// Runs fn over [0, total) split evenly across up to nthreads threads, so many
-// small tensors share the cores just like one large one.
-template <typename Call>
-void parallel_over_elements(void (*fn)(const Call&, int64_t, int64_t), const Call& call,
-                            int64_t total, int nthreads) {
+// Splits [0, total) evenly across up to nthreads threads (fewer when there
+// is too little work) and runs body(tid, begin, end) on each, so many small
+// tensors share the cores just like one large one. Returns the thread count.
+template <typename Body>
+int64_t parallel_split(int64_t total, int nthreads, const Body& body) {
   int64_t t = total / kMinElemsPerThread;
   if (t > nthreads) t = nthreads;
   if (t <= 1) {
-    fn(call, 0, total);
-    return;
+    body(0, 0, total);
+    return 1;
   }
 #if defined(_OPENMP)
+  int64_t used = 1;
 #pragma omp parallel num_threads(static_cast<int>(t))
   {
     const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
     int64_t begin = total * tid / nt, end = total * (tid + 1) / nt;
     begin = tid == 0 ? 0 : begin / kAlign * kAlign;
     end = tid == nt - 1 ? total : end / kAlign * kAlign;
-    fn(call, begin, end);
+    if (tid == 0) used = nt;
+    body(tid, begin, end);
   }
+  return used;
 #else
-  fn(call, 0, total);
+  body(0, 0, total);
+  return 1;
 #endif
+}
+
+template <typename Call>
+void parallel_over_elements(void (*fn)(const Call&, int64_t, int64_t), const Call& call,
+                            int64_t total, int nthreads) {
+  parallel_split(total, nthreads, [&](int64_t, int64_t b, int64_t e) { fn(call, b, e); });
 }
 
 template <typename Call>
@@ -106,24 +116,11 @@ double grad_norm_cpu(int64_t table_addr, int64_t n, int dtype, int norm, double 
   if (current_isa() == Isa::kAVX512) fn = norm_range_avx512;
   else if (current_isa() == Isa::kAVX2) fn = norm_range_avx2;
 #endif
-  const int64_t total = call.offsets[n];
-  int64_t t = total / kMinElemsPerThread;
-  if (t > nthreads) t = nthreads;
-  if (t <= 1) return fn(call, 0, total);
   double partial[256] = {0.0};
-  if (t > 256) t = 256;
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(static_cast<int>(t))
-  {
-    const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    int64_t begin = total * tid / nt, end = total * (tid + 1) / nt;
-    begin = tid == 0 ? 0 : begin / kAlign * kAlign;
-    end = tid == nt - 1 ? total : end / kAlign * kAlign;
-    partial[tid] = fn(call, begin, end);
-  }
-#else
-  partial[0] = fn(call, 0, total);
-#endif
+  const int64_t t = parallel_split(call.offsets[n], nthreads < 256 ? nthreads : 256,
+                                   [&](int64_t tid, int64_t b, int64_t e) {
+                                     partial[tid] = fn(call, b, e);
+                                   });
   double r = 0.0;
   for (int64_t i = 0; i < t; ++i) {
     if (norm == 0) r = (partial[i] > r || partial[i] != partial[i]) ? partial[i] : r;

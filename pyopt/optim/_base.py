@@ -21,6 +21,28 @@ from .._checks import local
 from ._state import OptimizerState, ParamState
 
 
+def launch(op, backend, params, grads, table, args, grad_inv_scale=1.0) -> bool:
+    """Run ``<op>_step`` of the native (CPU or CUDA) or numba backend over an
+    address table; False for the torch reference, which the caller runs on
+    tensor lists. Only the CPU kernels take the grad dtype and the GradScaler
+    factor (elsewhere the caller has already unscaled)."""
+    n = len(params)
+    if backend == "native":
+        if params[0].is_cuda:
+            stream = torch.cuda.current_stream(params[0].device).cuda_stream
+            getattr(_backends.cuda_module(), f"{op}_step")(table.ctypes.data, n, *args, stream)
+        else:
+            getattr(_backends.cpu_module(), f"{op}_step")(
+                table.ctypes.data, n, *args, _checks.DTYPE_CODES[grads[0].dtype], grad_inv_scale,
+                torch.get_num_threads())
+        return True
+    if backend == "numba":
+        from .._numba import optim as nb
+        getattr(nb, f"{op}_step")(table, n, *args, torch.get_num_threads())
+        return True
+    return False
+
+
 class _Bucket:
     """Tensors of one (device, dtype) within a param group, and their table."""
 

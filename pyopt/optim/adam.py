@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backends, _checks
-from ._base import FusedOptimizer
+from .. import _checks
+from ._base import FusedOptimizer, launch
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -25,21 +25,9 @@ def run_adam(backend, bucket_or_none, params, grads, exp_avgs, exp_avg_sqs, max_
              steps, table, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
              decoupled, grad_inv_scale=1.0):
     """Call one backend on already-validated tensors of one (device, dtype)."""
-    dtype = params[0].dtype
-    code = _checks.DTYPE_CODES[dtype]
+    code = _checks.DTYPE_CODES[params[0].dtype]
     args = (lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, code, code)
-    gcode = _checks.DTYPE_CODES[grads[0].dtype]
-    if backend == "native":
-        if params[0].is_cuda:
-            stream = torch.cuda.current_stream(params[0].device).cuda_stream
-            _backends.cuda_module().adam_step(table.ctypes.data, len(params), *args, stream)
-        else:
-            _backends.cpu_module().adam_step(table.ctypes.data, len(params), *args, gcode,
-                                             grad_inv_scale, torch.get_num_threads())
-    elif backend == "numba":
-        from .._numba import optim as nb
-        nb.adam_step(table, len(params), *args, torch.get_num_threads())
-    else:
+    if not launch("adam", backend, params, grads, table, args, grad_inv_scale):
         from .._reference.optim import adam_step
         adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr,
                   beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,

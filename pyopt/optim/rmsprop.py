@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backends, _checks
-from ._base import FusedOptimizer
+from .. import _checks
+from ._base import FusedOptimizer, launch
 
 
 def _check_hyper(lr, alpha, eps, weight_decay, momentum):
@@ -24,20 +24,9 @@ def _check_hyper(lr, alpha, eps, weight_decay, momentum):
 
 def run_rmsprop(backend, params, grads, lists, steps, table, *, lr, alpha, eps, weight_decay,
                 momentum, centered, maximize, grad_inv_scale=1.0):
-    code = _checks.DTYPE_CODES[params[0].dtype]
-    args = (lr, alpha, eps, weight_decay, momentum, centered, maximize, code)
-    gcode = _checks.DTYPE_CODES[grads[0].dtype]
-    if backend == "native":
-        if params[0].is_cuda:
-            stream = torch.cuda.current_stream(params[0].device).cuda_stream
-            _backends.cuda_module().rmsprop_step(table.ctypes.data, len(params), *args, stream)
-        else:
-            _backends.cpu_module().rmsprop_step(table.ctypes.data, len(params), *args, gcode,
-                                                grad_inv_scale, torch.get_num_threads())
-    elif backend == "numba":
-        from .._numba import optim as nb
-        nb.rmsprop_step(table, len(params), *args, torch.get_num_threads())
-    else:
+    args = (lr, alpha, eps, weight_decay, momentum, centered, maximize,
+            _checks.DTYPE_CODES[params[0].dtype])
+    if not launch("rmsprop", backend, params, grads, table, args, grad_inv_scale):
         from .._reference.optim import rmsprop_step
         rmsprop_step(params, grads, *lists, steps, lr=lr, alpha=alpha, eps=eps,
                      weight_decay=weight_decay, momentum=momentum, centered=centered,

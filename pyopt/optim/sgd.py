@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backends, _checks
-from ._base import FusedOptimizer
+from .. import _checks
+from ._base import FusedOptimizer, launch
 
 
 def _check_hyper(lr, momentum, dampening, weight_decay, nesterov):
@@ -22,20 +22,9 @@ def _check_hyper(lr, momentum, dampening, weight_decay, nesterov):
 def run_sgd(backend, params, grads, bufs, table, *, lr, momentum, dampening, weight_decay,
             nesterov, maximize, grad_inv_scale=1.0):
     """Call one backend on already-validated tensors of one (device, dtype)."""
-    code = _checks.DTYPE_CODES[params[0].dtype]
-    args = (lr, momentum, dampening, weight_decay, nesterov, maximize, code)
-    gcode = _checks.DTYPE_CODES[grads[0].dtype]
-    if backend == "native":
-        if params[0].is_cuda:
-            stream = torch.cuda.current_stream(params[0].device).cuda_stream
-            _backends.cuda_module().sgd_step(table.ctypes.data, len(params), *args, stream)
-        else:
-            _backends.cpu_module().sgd_step(table.ctypes.data, len(params), *args, gcode,
-                                            grad_inv_scale, torch.get_num_threads())
-    elif backend == "numba":
-        from .._numba import optim as nb
-        nb.sgd_step(table, len(params), *args, torch.get_num_threads())
-    else:
+    args = (lr, momentum, dampening, weight_decay, nesterov, maximize,
+            _checks.DTYPE_CODES[params[0].dtype])
+    if not launch("sgd", backend, params, grads, table, args, grad_inv_scale):
         from .._reference.optim import sgd_step
         sgd_step(params, grads, bufs, table[:, 3].tolist(), lr=lr, momentum=momentum,
                  dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
