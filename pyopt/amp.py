@@ -45,8 +45,9 @@ class GradScaler(torch.amp.GradScaler):
             for dt, gs in ours.items():
                 table = np.array([(g.data_ptr(), g.numel()) for g in gs],
                                  dtype=np.int64).reshape(-1, 2)
-                m = mod.grad_norm(table.ctypes.data, len(gs), _checks.DTYPE_CODES[dt], 0, coef,
+                # norm 3: NaN exactly when some grad is inf or NaN
+                m = mod.grad_norm(table.ctypes.data, len(gs), _checks.DTYPE_CODES[dt], 3, coef,
                                   torch.get_num_threads())
-                if not (m < float("inf")):   # inf or NaN somewhere
+                if m != m:
                     found_inf.fill_(1.0)
         return {found_inf.device: found_inf}

@@ -141,3 +141,31 @@ def test_mask_survives_deepcopy_and_can_be_removed():
     p.grad = torch.ones(4)
     opt.step()
     torch.testing.assert_close(p.detach(), torch.tensor([0.8, -0.1, 0.8, -0.1]))
+
+
+@pytest.mark.parametrize("opt_kind", ["pyopt", "torch"])
+@pytest.mark.parametrize("explicit_unscale", [False, True])
+def test_pyopt_grad_scaler_matches_torch_grad_scaler(opt_kind, explicit_unscale):
+    """pyopt.amp.GradScaler (native check-and-unscale) against torch's, with a
+    pyopt optimizer (fused protocol) or a torch one (unscale_ path), forced infs
+    and NaNs included."""
+    m1, m2 = _model(), _model()
+    lib = pyopt.optim if opt_kind == "pyopt" else torch.optim
+    o1, o2 = lib.AdamW(m1.parameters(), lr=1e-2), lib.AdamW(m2.parameters(), lr=1e-2)
+    s1 = pyopt.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=3)
+    s2 = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=3)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(12):
+        x, y = torch.randn(16, 6, generator=gen), torch.randn(16, 1, generator=gen)
+        for m, o, s in ((m1, o1, s1), (m2, o2, s2)):
+            o.zero_grad()
+            s.scale(torch.nn.functional.mse_loss(m(x), y)).backward()
+            if step in (2, 6):
+                next(m.parameters()).grad[0, 0] = float("inf") if step == 2 else float("nan")
+            if explicit_unscale:
+                s.unscale_(o)
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 10.0)
+            s.step(o)
+            s.update()
+        assert s1.get_scale() == s2.get_scale(), step
+    torch.testing.assert_close(list(m1.parameters()), list(m2.parameters()), rtol=1e-5, atol=1e-6)

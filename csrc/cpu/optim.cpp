@@ -100,8 +100,8 @@ void check_dtype(int dtype, const char* op) {
 double grad_norm_cpu(int64_t table_addr, int64_t n, int dtype, int norm, double coef,
                      int nthreads) {
   check_dtype(dtype, "grad_norm");
-  if (norm != 0 && norm != 1 && norm != 2)
-    throw std::invalid_argument("grad_norm: norm must be 1, 2 or 0 (inf)");
+  if (norm < 0 || norm > 3)
+    throw std::invalid_argument("grad_norm: norm must be 1, 2, 0 (inf) or 3 (finiteness check)");
   if (n <= 0) return 0.0;
   NormCall call{};
   call.table = reinterpret_cast<const int64_t*>(table_addr);

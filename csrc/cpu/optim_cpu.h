@@ -53,7 +53,7 @@ struct NormCall {
   int64_t n;
   const int64_t* offsets;
   int dtype;
-  int norm;                            // 1, 2, or 0 for the max-abs (inf) norm
+  int norm;                            // 1, 2, 0 for max-abs (inf), 3: NaN iff any non-finite
   float coef;                          // scale_grads: the multiplier
 };
 
@@ -79,8 +79,9 @@ void scale_range_baseline(const NormCall& call, int64_t begin, int64_t end);
 void scale_range_avx2(const NormCall& call, int64_t begin, int64_t end);
 void scale_range_avx512(const NormCall& call, int64_t begin, int64_t end);
 
-// sum |g|^p over all grads for norm p = 1 or 2, or max |g| for norm 0 (inf);
-// NaN propagates. Accumulates in float lanes per block, then in double.
+// sum |g|^p over all grads for norm p = 1 or 2, max |g| for norm 0 (inf), or
+// for norm 3 a value that is NaN exactly when some grad is inf or NaN (0
+// otherwise); NaN propagates. Accumulates in float lanes per block, then in double.
 // coef != 1 also multiplies every grad by coef in the same pass, after reading
 // it (GradScaler's check-and-unscale).
 double grad_norm_cpu(int64_t table_addr, int64_t n, int dtype, int norm, double coef,

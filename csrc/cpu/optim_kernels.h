@@ -350,17 +350,21 @@ static double norm_block(const float* __restrict x, int64_t k) {
   constexpr int L = 16;
   float acc[L] = {0.0f};
   int64_t i = 0;
+  // NORM 3 is GradScaler's finiteness check: x * 0 is 0 for every finite x
+  // and NaN for inf or NaN, so the sum is NaN exactly when one is present.
   for (; i + L <= k; i += L) {
     for (int j = 0; j < L; ++j) {
       const float a = x[i + j] < 0.0f ? -x[i + j] : x[i + j];
-      if (NORM == 2) acc[j] += a * a;
+      if (NORM == 3) acc[j] += x[i + j] * 0.0f;
+      else if (NORM == 2) acc[j] += a * a;
       else if (NORM == 1) acc[j] += a;
       else acc[j] = (a > acc[j] || a != a) ? a : acc[j];
     }
   }
   for (; i < k; ++i) {
     const float a = x[i] < 0.0f ? -x[i] : x[i];
-    if (NORM == 2) acc[0] += a * a;
+    if (NORM == 3) acc[0] += x[i] * 0.0f;
+    else if (NORM == 2) acc[0] += a * a;
     else if (NORM == 1) acc[0] += a;
     else acc[0] = (a > acc[0] || a != a) ? a : acc[0];
   }
@@ -408,6 +412,7 @@ static double norm_rows(const NormCall& c, int64_t begin, int64_t end) {
 
 template <typename T>
 static double norm_dispatch(const NormCall& c, int64_t begin, int64_t end) {
+  if (c.norm == 3) return norm_rows<T, 3>(c, begin, end);
   if (c.norm == 2) return norm_rows<T, 2>(c, begin, end);
   if (c.norm == 1) return norm_rows<T, 1>(c, begin, end);
   return norm_rows<T, 0>(c, begin, end);
