@@ -31,6 +31,9 @@ def test_info_reports_native_cpu_module():
     assert d["backends"]["cpu"]["native"]["available"]
     assert d["backends"]["cpu"]["auto"] == "native"
     assert d["threads"]["torch"] >= 1
+    # portable wheels: no flag tunes the build to the machine that built it
+    flags = " ".join([cpu["flags"], *cpu["isa_flags"].values()])
+    assert "-march" not in flags and "-mtune" not in flags and "/arch:native" not in flags
 
 
 def test_cli_text_output_names_every_backend():
