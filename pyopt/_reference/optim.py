@@ -91,6 +91,17 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
         exp_avg_sqs[i].copy_(v)
 
 
+def _float_param_and_grad(param, grad, maximize, weight_decay):
+    """float32 copies of param and the gradient as SGD and RMSprop use it:
+    negated for maximize, plus weight_decay * param (L2) when nonzero."""
+    p, g = param.float(), grad.float()
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    return p, g
+
+
 def sgd_step(params, grads, momentum_buffers, firsts, *, lr, momentum, dampening,
              weight_decay, nesterov, maximize):
     """One SGD step in the order of ``pyopt::sgd_math``. ``firsts[i]``: the
@@ -98,12 +109,7 @@ def sgd_step(params, grads, momentum_buffers, firsts, *, lr, momentum, dampening
     neg_lr, wd, mom, omd = map(float, (f32(-float(lr)), f32(weight_decay), f32(momentum),
                                        f32(1.0 - dampening)))
     for i, param in enumerate(params):
-        p = param.float()
-        g = grads[i].float()
-        if maximize:
-            g = -g
-        if weight_decay != 0:
-            g = g + wd * p
+        p, g = _float_param_and_grad(param, grads[i], maximize, wd)
         if momentum != 0:
             buf = g if firsts[i] else momentum_buffers[i].float() * mom + omd * g
             momentum_buffers[i].copy_(buf)
@@ -120,12 +126,7 @@ def rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, steps,
     one_minus_w = float(f32(1) - f32(oma))
     for i, param in enumerate(params):
         steps[i].add_(1)
-        p = param.float()
-        g = grads[i].float()
-        if maximize:
-            g = -g
-        if weight_decay != 0:
-            g = g + wd * p
+        p, g = _float_param_and_grad(param, grads[i], maximize, wd)
         sq = square_avgs[i].float() * a + (oma * g) * g
         square_avgs[i].copy_(sq)
         if centered:

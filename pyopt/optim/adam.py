@@ -21,7 +21,7 @@ def _flag_check(foreach, capturable, differentiable, fused):
                          "use torch.optim for differentiable optimizer steps")
 
 
-def run_adam(backend, bucket_or_none, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+def run_adam(backend, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
              steps, table, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
              decoupled, grad_inv_scale=1.0):
     """Call one backend on already-validated tensors of one (device, dtype)."""
@@ -102,7 +102,7 @@ class Adam(FusedOptimizer):
         if b.backend == "torch":
             lists = ([s["exp_avg"] for s in b.states], [s["exp_avg_sq"] for s in b.states],
                      [s["max_exp_avg_sq"] for s in b.states] if amsgrad else [])
-        run_adam(b.backend, b, ps, gs, *lists, b.steps, table,
+        run_adam(b.backend, ps, gs, *lists, b.steps, table,
                  lr=_checks.scalar(group["lr"], "lr"), beta1=float(beta1), beta2=float(beta2),
                  eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                  amsgrad=amsgrad, maximize=bool(group["maximize"]),

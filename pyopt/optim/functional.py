@@ -61,7 +61,7 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, 
         for r, (p, g, m, v, s) in enumerate(zip(ps, gs, ms, vs, ss)):
             table[r, :7] = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
                             vms[r].data_ptr() if amsgrad else 0, s.data_ptr(), p.numel())
-        run_adam(backend_name, None, ps, gs, ms, vs, vms, ss, table, lr=lr, beta1=float(beta1),
+        run_adam(backend_name, ps, gs, ms, vs, vms, ss, table, lr=lr, beta1=float(beta1),
                  beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
                  amsgrad=bool(amsgrad), maximize=bool(maximize), decoupled=bool(decoupled))
 
