@@ -13,6 +13,7 @@
 #include "build_info.h"
 #include "cpu/isa.h"
 #include "cpu/optim_cpu.h"
+#include "cpu/sparse_cpu.h"
 
 namespace py = pybind11;
 
@@ -75,6 +76,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("scale_grads", &pyopt::scale_grads_cpu, py::call_guard<py::gil_scoped_release>(),
         py::arg("table"), py::arg("n"), py::arg("dtype"), py::arg("coef"), py::arg("nthreads"),
         "g *= coef in place over an int64 [n, 2] (address, numel) table.");
+
+  m.def("sparse_linear", &pyopt::sparse_linear_cpu, py::call_guard<py::gil_scoped_release>(),
+        py::arg("format"), py::arg("out"), py::arg("x"), py::arg("values"), py::arg("ptr"),
+        py::arg("idx"), py::arg("idx_bits"), py::arg("bias"), py::arg("B"), py::arg("N"),
+        py::arg("K"), py::arg("bh"), py::arg("bw"), py::arg("dtype"), py::arg("nthreads"),
+        "out[B, N] = x[B, K] @ W^T + bias with W in a sparse layout (format 0 csr, 1 bitmask/nm, "
+        "2 bsr; pyopt/sparse/formats.py). bias == 0: none.");
 
   m.def("build_info", &build_info);
   m.def("isa_compiled", [](const std::string& s) { return pyopt::isa_compiled(parse_isa(s)); });

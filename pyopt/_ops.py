@@ -4,6 +4,8 @@ directly; these wrappers dispatch to the same backends."""
 from __future__ import annotations
 
 import torch
+from typing import Optional
+
 from torch import Tensor
 
 
@@ -61,3 +63,59 @@ def rmsprop_step_(params: list[Tensor], grads: list[Tensor], square_avgs: list[T
 def _(params, grads, square_avgs, momentum_buffers, grad_avgs, state_steps, lr, alpha, eps,
       weight_decay, momentum, centered, maximize) -> None:
     return None
+
+
+# -- sparse linear ------------------------------------------------------------
+@torch.library.custom_op("pyopt::sparse_linear", mutates_args=())
+def sparse_linear(x: Tensor, values: Tensor, ptr: Tensor, idx: Tensor, bias: Optional[Tensor],
+                  fmt: str, n: int, backend: Optional[str] = None) -> Tensor:
+    """x [..., K] @ W.T + bias with W in a pyopt.sparse.formats layout."""
+    from .sparse import _kernels
+    from .sparse.formats import FIELDS
+    x2 = x.reshape(-1, x.shape[-1])
+    out = _kernels.linear(fmt, x2, dict(zip(FIELDS[fmt], (values, ptr, idx))), bias, n, backend)
+    return out.reshape(*x.shape[:-1], n)
+
+
+@sparse_linear.register_fake
+def _(x, values, ptr, idx, bias, fmt, n, backend=None):
+    return x.new_empty(*x.shape[:-1], n)
+
+
+def _sparse_setup(ctx, inputs, output):
+    x, values, ptr, idx, bias, fmt, n, _ = inputs
+    ctx.save_for_backward(x, values, ptr, idx)
+    ctx.fmt, ctx.n, ctx.has_bias = fmt, n, bias is not None
+
+
+def _sparse_backward(ctx, grad):
+    # Dense GEMMs: the input grad needs W (rebuilt from the layout) and the
+    # kept weights' grads are entries of grad.T @ x.
+    from .sparse import formats
+    x, values, ptr, idx = ctx.saved_tensors
+    fmt, n = ctx.fmt, ctx.n
+    k = x.shape[-1]
+    g2, x2 = grad.reshape(-1, n), x.reshape(-1, k)
+    t = dict(zip(formats.FIELDS[fmt], (values, ptr, idx)))
+    block = tuple(values.shape[1:]) if fmt == "bsr" else None
+    gx = gv = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = (g2 @ formats.to_dense(fmt, t, (n, k), block=block)).reshape(x.shape)
+    if ctx.needs_input_grad[1]:
+        gw = g2.t() @ x2
+        if fmt == "csr":
+            rows = torch.repeat_interleave(torch.arange(n, device=x.device), ptr.diff())
+            cols = idx.to(torch.int64) & 0xFFFF if idx.dtype is torch.int16 else idx.to(torch.int64)
+            gv = gw[rows, cols]
+        elif fmt == "bsr":
+            bh, bw = block
+            r = torch.repeat_interleave(torch.arange(n // bh, device=x.device), ptr.diff())
+            gv = gw.reshape(n // bh, bh, k // bw, bw).transpose(1, 2)[r, idx.to(torch.int64)]
+        else:
+            gv = gw[formats.unpack_bits(idx, k)]
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        gb = g2.sum(0)
+    return gx, gv, None, None, gb, None, None, None
+
+
+sparse_linear.register_autograd(_sparse_backward, setup_context=_sparse_setup)
