@@ -35,7 +35,7 @@ X86Features detect() {
   const int max_leaf = r[0];
   cpuid(1, 0, r);
   const bool osxsave = (r[2] >> 27) & 1, avx = (r[2] >> 28) & 1;
-  const bool fma = (r[2] >> 12) & 1, f16c = (r[2] >> 29) & 1;
+  const bool fma = (r[2] >> 12) & 1, f16c = (r[2] >> 29) & 1, popcnt = (r[2] >> 23) & 1;
   if (!osxsave || !avx || max_leaf < 7) return f;
   // The OS must save the wider registers on context switch, or using them
   // corrupts state: XCR0 bits 1-2 (SSE/AVX) and 5-7 (opmask, ZMM).
@@ -43,10 +43,11 @@ X86Features detect() {
   const bool os_avx = (xcr0 & 0x6) == 0x6;
   const bool os_avx512 = (xcr0 & 0xE6) == 0xE6;
   cpuid(7, 0, r);
-  const bool avx2 = (r[1] >> 5) & 1;
+  const bool avx2 = (r[1] >> 5) & 1, bmi1 = (r[1] >> 3) & 1, bmi2 = (r[1] >> 8) & 1;
   const bool avx512f = (r[1] >> 16) & 1, avx512dq = (r[1] >> 17) & 1;
   const bool avx512bw = (r[1] >> 30) & 1, avx512vl = (r[1] >> 31) & 1;
-  f.avx2 = os_avx && avx2 && fma && f16c;
+  // the avx2 variant is also built with POPCNT/BMI1/BMI2 (every AVX2 CPU has them)
+  f.avx2 = os_avx && avx2 && fma && f16c && popcnt && bmi1 && bmi2;
   f.avx512 = f.avx2 && os_avx512 && avx512f && avx512dq && avx512bw && avx512vl;
   return f;
 }
