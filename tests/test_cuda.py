@@ -157,3 +157,154 @@ def test_sgd_rmsprop_cuda_bitwise_equal_to_cpu(cls, kw, dtype):
                   backend="native", **kw)
     for a, b in zip(cpu, gpu):
         assert torch.equal(a, b.cpu())
+
+
+# ---------------------------------------------------------------- sparse linear
+# The _C_cuda sparse kernels called directly (raw addresses, as pyopt/_checks.py
+# would pass them) and compared with pyopt._reference.sparse on the same CUDA
+# tensors. Formats are built on the CPU by pyopt.sparse.formats.build.
+
+from pyopt._reference import sparse as sparse_ref  # noqa: E402
+from pyopt.sparse import formats as sparse_formats  # noqa: E402
+
+_SPARSE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_SPARSE_BATCHES = (1, 3, 17, 40)
+_SPARSE_DENSITIES = (0.0, 0.1, 0.6, 1.0)
+# fmt -> (N, K, block) cases; bsr needs N % bh == K % bw == 0 and nm K % 4 == 0.
+_SPARSE_CASES = {
+    "csr": [(n, k, None) for n in (1, 5, 64) for k in (7, 65, 130)]
+           + [(33, 4097, None), (3, 40000, None), (2, 70000, None)],  # uint16 cols >= 32768; int32
+    "bitmask": [(n, k, None) for n in (1, 5, 64) for k in (7, 65, 130)]
+               + [(33, 4097, None), (3, 64 * 70 + 13, None)],         # > 32 mask words per row
+    "nm": [(n, k, None) for n in (1, 5, 64) for k in (8, 68, 132)] + [(9, 4100, None)],
+    "bsr": [(64, 128, (16, 16)), (64, 64, (32, 32)), (5, 7, (5, 7)), (1, 65, (1, 13)),
+            (64, 130, (8, 10)), (48, 130, (16, 65)), (64, 1024, (64, 512)), (12, 600, (12, 300)),
+            (24, 1024, (12, 16)), (40, 96, (40, 1)), (96, 48, (96, 3)), (6, 510, (3, 255)),
+            (4, 514, (2, 257)), (1, 7, (1, 1))],
+}
+
+
+def _sparse_native(fmt, t, x, bias, n, stream=None):
+    """out = x @ W.T + bias through _C_cuda; out starts as NaN so unwritten
+    elements show."""
+    from pyopt import _C_cuda
+    b, k = x.shape
+    out = torch.full((b, n), float("nan"), dtype=x.dtype, device=x.device)
+    code = _SPARSE_CODES[x.dtype]
+    s = (stream or torch.cuda.current_stream()).cuda_stream
+    bias_addr = bias.data_ptr() if bias is not None else 0
+    if fmt == "csr":
+        bits = 16 if t["col_idx"].dtype is torch.int16 else 32
+        _C_cuda.sparse_csr_linear(out.data_ptr(), x.data_ptr(), t["values"].data_ptr(),
+                                  t["row_ptr"].data_ptr(), t["col_idx"].data_ptr(), bits,
+                                  bias_addr, b, n, k, code, s)
+    elif fmt in ("bitmask", "nm"):
+        _C_cuda.sparse_bitmask_linear(out.data_ptr(), x.data_ptr(), t["values"].data_ptr(),
+                                      t["row_ptr"].data_ptr(), t["bitmask"].data_ptr(),
+                                      bias_addr, b, n, k, code, s)
+    else:
+        bh, bw = t["values"].shape[1:]
+        _C_cuda.sparse_bsr_linear(out.data_ptr(), x.data_ptr(), t["values"].data_ptr(),
+                                  t["block_row_ptr"].data_ptr(), t["block_col"].data_ptr(),
+                                  bias_addr, b, n, k, bh, bw, code, s)
+    return out
+
+
+def _sparse_keep(fmt, n, k, density, g):
+    keep = torch.rand(n, k, generator=g) < density
+    if fmt == "nm":   # at most 2 of every 4: the two best of random scores, thinned
+        rank = torch.rand(n, k // 4, 4, generator=g).argsort(-1).argsort(-1)
+        keep &= (rank < 2).reshape(n, k)
+    return keep
+
+
+def _sparse_problem(fmt, n, k, block, b, density, with_bias, dt, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dt)
+    keep = _sparse_keep(fmt, n, k, density, g)
+    t = sparse_formats.build(fmt, w, keep, nm=(2, 4), block=block or (32, 32))
+    t = {name: v.cuda() for name, v in t.items()}
+    x = torch.randn(b, k, generator=g).to("cuda", dt)
+    bias = torch.randn(n, generator=g).to("cuda", dt) if with_bias else None
+    return t, x, bias, keep
+
+
+def _sparse_assert_close(fmt, got, t, x, bias, n, block):
+    want = sparse_ref.LINEAR[fmt](x, *(t[f] for f in sparse_formats.FIELDS[fmt]), bias, n)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert not got.isnan().any(), "some outputs were not written"
+    # Both sides accumulate in float32 (in different orders) and round once to
+    # the dtype: allow one output ulp plus float32 reordering noise, scaled by
+    # sum |w| |x| (+ |bias|).
+    wd = sparse_formats.to_dense(fmt, t, (n, x.shape[1]), block=block).float().abs()
+    mag = x.float().abs() @ wd.T
+    if bias is not None:
+        mag = mag + bias.float().abs()
+    rtol = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[x.dtype]
+    bound = rtol * want.float().abs() + 2e-5 * mag + 1e-6
+    err = (got.float() - want.float()).abs()
+    assert bool((err <= bound).all()), \
+        f"max err {err.max().item():.3g} at {divmod(int(err.argmax()), n)}, bound there " \
+        f"{bound.flatten()[err.argmax()].item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("fmt,case", [(f, c) for f, cs in _SPARSE_CASES.items() for c in cs],
+                         ids=lambda v: v if isinstance(v, str) else
+                         f"{v[0]}x{v[1]}" + (f"-block{v[2][0]}x{v[2][1]}" if v[2] else ""))
+def test_sparse_linear_cuda_matches_reference(fmt, case, dtype):
+    n, k, block = case
+    dt = DTYPES[dtype]
+    for i, (b, density) in enumerate((b, d) for b in _SPARSE_BATCHES for d in _SPARSE_DENSITIES):
+        for with_bias in (False, True):
+            t, x, bias, keep = _sparse_problem(fmt, n, k, block, b, density, with_bias, dt,
+                                               seed=1000 * i + with_bias)
+            got = _sparse_native(fmt, t, x, bias, n)
+            torch.cuda.synchronize()
+            if not bool(keep.any()) and fmt != "nm":   # nnz == 0: exactly the bias or zeros
+                assert t["values"].numel() == 0
+                expect = (bias.expand(b, n) if bias is not None
+                          else torch.zeros(b, n, dtype=dt, device="cuda"))
+                assert torch.equal(got, expect)
+            _sparse_assert_close(fmt, got, t, x, bias, n, block)
+
+
+@pytest.mark.parametrize("fmt", list(_SPARSE_CASES))
+def test_sparse_linear_cuda_empty_rows_and_side_stream(fmt):
+    """Rows with no kept weight between full ones, launched on a side stream."""
+    n, k = 48, 256
+    block = (8, 16) if fmt == "bsr" else None
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(n, k, generator=g)
+    keep = torch.zeros(n, k, dtype=torch.bool)
+    if fmt == "nm":
+        keep[::3] = (torch.arange(k) % 4 < 2)
+    else:
+        keep[::3] = True
+        keep[1::3, ::5] = True    # every third row block stays empty
+        keep[1::3, 0] = False
+    rows_empty = ~keep.any(1)
+    t = {name: v.cuda() for name, v in
+         sparse_formats.build(fmt, w, keep, nm=(2, 4), block=block or (32, 32)).items()}
+    x = torch.randn(19, k, generator=g).cuda()
+    bias = torch.randn(n, generator=g).cuda()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got = _sparse_native(fmt, t, x, bias, n, stream=s)
+    s.synchronize()
+    _sparse_assert_close(fmt, got, t, x, bias, n, block)
+    if fmt != "nm":
+        assert torch.equal(got[:, rows_empty.cuda()], bias[rows_empty.cuda()].expand(19, -1))
+
+
+def test_sparse_linear_cuda_rejects_bad_arguments():
+    from pyopt import _C_cuda
+    with pytest.raises(ValueError, match="idx_bits"):
+        _C_cuda.sparse_csr_linear(0, 0, 0, 0, 0, 8, 0, 1, 1, 1, 0, 0)
+    with pytest.raises(ValueError, match="dtype"):
+        _C_cuda.sparse_bitmask_linear(0, 0, 0, 0, 0, 0, 1, 1, 1, 3, 0)
+    with pytest.raises(ValueError, match="N % bh"):
+        _C_cuda.sparse_bsr_linear(0, 0, 0, 0, 0, 0, 1, 6, 8, 4, 4, 0, 0)
+    # nothing to compute: no launch, no error
+    _C_cuda.sparse_csr_linear(0, 0, 0, 0, 0, 16, 0, 0, 5, 5, 0, 0)

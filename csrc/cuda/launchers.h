@@ -33,6 +33,34 @@ void rmsprop_step(int64_t table_addr, int64_t n, double lr, double alpha, double
                   double weight_decay, double momentum, bool centered, bool maximize, int dtype,
                   int64_t stream);
 
+// Sparse linear out[b, i] = bias[i] + sum_j W[i, j] * x[b, j] with W [N, K] in
+// one of the layouts of pyopt/sparse/formats.py. Every tensor argument is a
+// device address; x [B, K] and out [B, N] are row-major and contiguous; x,
+// the weight values, bias and out share `dtype` (0 float32, 1 bfloat16,
+// 2 float16). bias == 0 means no bias. Accumulates in float32 and rounds
+// once to dtype. Launches on `stream`, does not synchronize. B == 0 or
+// N == 0 launches nothing. Throws std::invalid_argument for bad sizes or
+// codes and std::runtime_error when no device is usable or a launch fails.
+//
+// csr: row_ptr int64 [N+1]; col_idx uint16 (idx_bits 16, stored as int16)
+// or int32 (idx_bits 32) [nnz]; values [nnz].
+void sparse_csr_linear(int64_t out, int64_t x, int64_t values, int64_t row_ptr, int64_t col_idx,
+                       int idx_bits, int64_t bias, int64_t B, int64_t N, int64_t K, int dtype,
+                       int64_t stream);
+
+// bitmask and nm: bitmask int64 [N, ceil(K/64)] (bit j%64 of word j/64),
+// row_ptr int64 [N+1] value offset of each row, values [nnz] in row-major
+// order of the set bits. Bits at columns >= K are ignored.
+void sparse_bitmask_linear(int64_t out, int64_t x, int64_t values, int64_t row_ptr,
+                           int64_t bitmask, int64_t bias, int64_t B, int64_t N, int64_t K,
+                           int dtype, int64_t stream);
+
+// bsr: blocks of bh x bw (N % bh == 0, K % bw == 0); block_row_ptr int64
+// [N/bh + 1], block_col int32 [nblocks], values [nblocks, bh, bw].
+void sparse_bsr_linear(int64_t out, int64_t x, int64_t values, int64_t block_row_ptr,
+                       int64_t block_col, int64_t bias, int64_t B, int64_t N, int64_t K,
+                       int64_t bh, int64_t bw, int dtype, int64_t stream);
+
 // Number of visible CUDA devices; 0 when there is no driver or device.
 // Never throws.
 int device_count() noexcept;
