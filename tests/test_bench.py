@@ -43,6 +43,12 @@ def test_output_files_and_json_schema(tiny_run):
     for key in ("cpu", "cores", "threads", "cpu_isa", "torch", "pyopt", "build"):
         assert key in doc["machine"]
     ok = [x for x in doc["results"] if x["status"] == "ok"]
+    assert {x["case"] for x in ok if x["suite"] == "sparse"} == {
+        "unstructured 90% tiny B=1", "2:4 tiny B=16", "block32 90% tiny B=8"}
+    assert {x["impl"] for x in ok if x["suite"] == "sparse"} >= {
+        "dense F.linear", "pyopt auto", "pyopt csr", "pyopt bitmask", "pyopt nm", "pyopt bsr",
+        "torch CSR W@x.T", "torch BSR W@x.T"}
+    ok = [x for x in ok if x["suite"] == "optim"]
     assert {x["case"] for x in ok} == {"AdamW tiny", "SGD tiny", "AdamW+GradScaler tiny",
                                        "clip tiny"}
     for x in ok:

@@ -14,7 +14,7 @@ results.json (schema "pyopt-bench/1"):
               reason, median_ms, q1_ms, q3_ms, iqr_ms, reps, bytes_per_step, gbps,
               rmw_gbps (timed in alternation with the case), of_rmw, baseline,
               speedup (baseline median / this median), numel, tensors, dtype,
-              optimizer
+              optimizer, format (sparse suite: the layout "pyopt auto" chose)
 results.csv   the records, one row each (the same keys)
 results.md    the table ready for the README
 *.png         optimizer achieved bandwidth as a fraction of the same-run RMW
@@ -29,7 +29,7 @@ import os
 SCHEMA = "pyopt-bench/1"
 FIELDS = ["suite", "case", "impl", "device", "status", "reason", "median_ms", "q1_ms", "q3_ms",
           "iqr_ms", "reps", "bytes_per_step", "gbps", "rmw_gbps", "of_rmw", "baseline",
-          "speedup", "numel", "tensors", "dtype", "optimizer"]
+          "speedup", "numel", "tensors", "dtype", "optimizer", "format"]
 
 
 def write_all(out_dir, doc, markdown) -> list[str]:
