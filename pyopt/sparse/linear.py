@@ -139,8 +139,9 @@ class SparseLinear(nn.Module):
         mask pyopt.prune recorded on the layer, else ``weight != 0``.
 
         ``format="auto"`` times every candidate layout, dense included, on this
-        machine at ``batch_sizes`` and keeps the one with the lowest geometric
-        mean time, so converting never makes a layer slower on the whole.
+        machine at ``batch_sizes``; of those never slower than dense at any of
+        them it keeps the one with the lowest geometric mean time, so
+        converting does not make the layer slower at those batch sizes.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
@@ -194,9 +195,12 @@ class SparseLinear(nn.Module):
                     sync()
                     best = min(best, time.perf_counter() - t0)
                 report[fmt][bs] = best
-        score = {f: sum(math.log(t / report["dense"][bs]) for bs, t in r.items())
-                 for f, r in report.items()}
-        return min(score, key=lambda f: (score[f], f != "dense")), report
+        # Only layouts that are not slower than dense at any measured batch
+        # (2% timing slack) qualify; among those the lowest geometric mean wins.
+        ratio = {f: {bs: t / report["dense"][bs] for bs, t in r.items()} for f, r in report.items()}
+        ok = [f for f, r in ratio.items() if max(r.values()) <= 1.02]
+        return min(ok, key=lambda f: (sum(math.log(v) for v in ratio[f].values()), f != "dense")), \
+            report
 
     # -- forward -------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
