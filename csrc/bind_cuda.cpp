@@ -82,15 +82,9 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("dtype"), py::arg("stream"),
       "Fused RMSprop over an int64 [n, 7] address table; launches on `stream`.");
 
-  m.def(
-      "sparse_csr_linear",
-      [](int64_t out, int64_t x, int64_t values, int64_t row_ptr, int64_t col_idx, int idx_bits,
-         int64_t bias, int64_t B, int64_t N, int64_t K, int dtype, int64_t stream) {
-        check_dtype_code(dtype, "dtype");
-        py::gil_scoped_release no_gil;
-        pyopt::cuda::sparse_csr_linear(out, x, values, row_ptr, col_idx, idx_bits, bias, B, N, K,
-                                       dtype, stream);
-      },
+  // sparse_*_linear validate their own sizes and codes (csrc/cuda/sparse.cu).
+  m.def("sparse_csr_linear", &pyopt::cuda::sparse_csr_linear,
+        py::call_guard<py::gil_scoped_release>(),
       py::arg("out"), py::arg("x"), py::arg("values"), py::arg("row_ptr"), py::arg("col_idx"),
       py::arg("idx_bits"), py::arg("bias"), py::arg("B"), py::arg("N"), py::arg("K"),
       py::arg("dtype"), py::arg("stream"),
@@ -98,31 +92,16 @@ PYBIND11_MODULE(_C_cuda, m) {
       "int16 storage when idx_bits == 16, int32 when 32). bias == 0: no bias. Launches on "
       "`stream`, does not synchronize.");
 
-  m.def(
-      "sparse_bitmask_linear",
-      [](int64_t out, int64_t x, int64_t values, int64_t row_ptr, int64_t bitmask, int64_t bias,
-         int64_t B, int64_t N, int64_t K, int dtype, int64_t stream) {
-        check_dtype_code(dtype, "dtype");
-        py::gil_scoped_release no_gil;
-        pyopt::cuda::sparse_bitmask_linear(out, x, values, row_ptr, bitmask, bias, B, N, K,
-                                           dtype, stream);
-      },
+  m.def("sparse_bitmask_linear", &pyopt::cuda::sparse_bitmask_linear,
+        py::call_guard<py::gil_scoped_release>(),
       py::arg("out"), py::arg("x"), py::arg("values"), py::arg("row_ptr"), py::arg("bitmask"),
       py::arg("bias"), py::arg("B"), py::arg("N"), py::arg("K"), py::arg("dtype"),
       py::arg("stream"),
       "out[B, N] = x[B, K] @ W.T + bias with W in bitmask or nm layout (bitmask int64 "
       "[N, ceil(K/64)], row_ptr int64 [N+1]). bias == 0: no bias. Launches on `stream`.");
 
-  m.def(
-      "sparse_bsr_linear",
-      [](int64_t out, int64_t x, int64_t values, int64_t block_row_ptr, int64_t block_col,
-         int64_t bias, int64_t B, int64_t N, int64_t K, int64_t bh, int64_t bw, int dtype,
-         int64_t stream) {
-        check_dtype_code(dtype, "dtype");
-        py::gil_scoped_release no_gil;
-        pyopt::cuda::sparse_bsr_linear(out, x, values, block_row_ptr, block_col, bias, B, N, K,
-                                       bh, bw, dtype, stream);
-      },
+  m.def("sparse_bsr_linear", &pyopt::cuda::sparse_bsr_linear,
+        py::call_guard<py::gil_scoped_release>(),
       py::arg("out"), py::arg("x"), py::arg("values"), py::arg("block_row_ptr"),
       py::arg("block_col"), py::arg("bias"), py::arg("B"), py::arg("N"), py::arg("K"),
       py::arg("bh"), py::arg("bw"), py::arg("dtype"), py::arg("stream"),

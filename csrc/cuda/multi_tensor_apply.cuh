@@ -32,6 +32,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda/common.cuh"
+
 #include <cstddef>
 #include <cstdint>
 #include <atomic>
@@ -84,31 +86,6 @@ struct TensorListMeta {
   int32_t n_tensors;
   int32_t n_chunks;                    // == chunk_end[n_tensors - 1]
 };
-
-// ---------------------------------------------------------------------------
-// Element conversion: storage <-> fp32. Stores round to nearest even.
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
 // N elements of T that are read and written with 16-byte accesses.
 // N * sizeof(T) is a multiple of 16 (16 or 32 bytes here).

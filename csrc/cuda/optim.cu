@@ -19,12 +19,6 @@
 #include "cuda/launchers.h"
 #include "cuda/multi_tensor_apply.cuh"
 
-// String literal naming the architectures this file was compiled for, set by
-// the build (e.g. -DPYOPT_CUDA_ARCHS="\"80-real;90-real;90-virtual\"").
-#ifndef PYOPT_CUDA_ARCHS
-#define PYOPT_CUDA_ARCHS "unknown"
-#endif
-
 namespace pyopt {
 namespace cuda {
 namespace {
@@ -113,22 +107,6 @@ struct RmspropOp {
 // ---------------------------------------------------------------------------
 // Host side.
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-// Calls f(Tag<storage type>) for a pyopt::DType code.
-template <typename F>
-void dispatch_dtype(int code, F&& f) {
-  switch (code) {
-    case kFloat32: return f(Tag<float>{});
-    case kBFloat16: return f(Tag<__nv_bfloat16>{});
-    case kFloat16: return f(Tag<__half>{});
-    default: throw std::invalid_argument("pyopt CUDA: unknown dtype code " + std::to_string(code));
-  }
-}
-
 template <typename F>
 void dispatch_bool(bool b, F&& f) {
   if (b) {
@@ -163,25 +141,6 @@ const char* dtype_name(int code) {
   }
 }
 
-template <typename T>
-T* from_addr(int64_t addr) {
-  return reinterpret_cast<T*>(static_cast<uintptr_t>(addr));
-}
-
-// Throws unless the runtime initializes and sees at least one device.
-void require_device() {
-  int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // clear it so later calls do not report it again
-    throw std::runtime_error(std::string("pyopt CUDA: no usable CUDA device: ") +
-                             cudaGetErrorString(err));
-  }
-  if (count == 0) {
-    throw std::runtime_error(std::string("pyopt CUDA: no usable CUDA device: ") +
-                             cudaGetErrorString(cudaErrorNoDevice));
-  }
-}
 
 template <typename P, typename S, bool AMSGRAD, bool MAXIMIZE, int WD>
 void run_adam(const int64_t* table, int64_t n, double lr, double beta1, double beta2,
@@ -363,36 +322,6 @@ void adam_step(int64_t table_addr, int64_t n, double lr, double beta1, double be
     });
   });
 }
-
-// ---------------------------------------------------------------------------
-// Runtime queries for the whole _C_cuda module. They live here because
-// optim.cu is the module's only CUDA source so far; move them to their own
-// file when sparse/quant kernels arrive.
-
-int device_count() noexcept {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return count;
-}
-
-std::string runtime_error() {
-  int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    return cudaGetErrorString(err);
-  }
-  return count > 0 ? std::string() : std::string(cudaGetErrorString(cudaErrorNoDevice));
-}
-
-std::string cuda_version() {
-  return std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
-}
-
-std::string cuda_archs() { return PYOPT_CUDA_ARCHS; }
 
 }  // namespace cuda
 }  // namespace pyopt

@@ -27,6 +27,7 @@
 #include <string>
 #include <type_traits>
 
+#include "cuda/common.cuh"
 #include "cuda/launchers.h"
 
 namespace pyopt {
@@ -38,35 +39,9 @@ constexpr int kWarps = kThreads / 32;   // warps per block
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxBatchTile = 8;        // accumulators per lane and row
 
-// dtype codes, as pyopt._checks.DTYPE_CODES / csrc/common/optim_math.h.
-constexpr int kCodeFloat32 = 0;
-constexpr int kCodeBFloat16 = 1;
-constexpr int kCodeFloat16 = 2;
 
 // ---------------------------------------------------------------------------
 // Device helpers.
-
-template <typename T>
-__device__ __forceinline__ float load_f(const T* p);
-template <>
-__device__ __forceinline__ float load_f<float>(const float* p) { return *p; }
-template <>
-__device__ __forceinline__ float load_f<__nv_bfloat16>(const __nv_bfloat16* p) {
-  return __bfloat162float(*p);
-}
-template <>
-__device__ __forceinline__ float load_f<__half>(const __half* p) { return __half2float(*p); }
-
-template <typename T>
-__device__ __forceinline__ T store_f(float v);
-template <>
-__device__ __forceinline__ float store_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 store_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half store_f<__half>(float v) { return __float2half_rn(v); }
 
 // Sum over the 32 lanes of a warp; every lane gets the total. All 32 lanes
 // must call it.
@@ -85,7 +60,7 @@ __device__ __forceinline__ void warp_store(T* __restrict__ out, const float (&ac
 #pragma unroll
   for (int t = 0; t < BT; ++t) {
     const float s = warp_sum(acc[t]);
-    if (lane == t && t < nb) out[(b0 + t) * N + row] = store_f<T>(s + bias_v);
+    if (lane == t && t < nb) out[(b0 + t) * N + row] = from_float<T>(s + bias_v);
   }
 }
 
@@ -106,7 +81,7 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t start = row_ptr[row];
   const int64_t end = row_ptr[row + 1];
-  const float bias_v = bias != nullptr ? load_f(bias + row) : 0.0f;
+  const float bias_v = bias != nullptr ? to_float(bias[row]) : 0.0f;
   const int64_t tiles = (B + BT - 1) / BT;
 
   for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
@@ -118,11 +93,11 @@ __global__ void __launch_bounds__(kThreads)
     for (int t = 0; t < BT; ++t) acc[t] = 0.0f;
 
     for (int64_t p = start + lane; p < end; p += 32) {
-      const float v = load_f(values + p);
+      const float v = to_float(values[p]);
       const int64_t c = static_cast<int64_t>(col_idx[p]);
 #pragma unroll
       for (int t = 0; t < BT; ++t) {
-        if (t < nb) acc[t] = __fmaf_rn(v, load_f(xb + t * K + c), acc[t]);
+        if (t < nb) acc[t] = __fmaf_rn(v, to_float(xb[t * K + c]), acc[t]);
       }
     }
     warp_store<T, BT>(out, acc, bias_v, b0, nb, N, row, lane);
@@ -156,7 +131,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t words = (K + 63) / 64;
   const uint64_t* __restrict__ mrow = bitmask + row * words;
   const int64_t vstart = row_ptr[row];
-  const float bias_v = bias != nullptr ? load_f(bias + row) : 0.0f;
+  const float bias_v = bias != nullptr ? to_float(bias[row]) : 0.0f;
   const unsigned below = (1u << lane) - 1u;  // lanes < lane
   const int tail_bits = static_cast<int>(K & 63);  // valid bits of the last word; 0 = all
   const int64_t tiles = (B + BT - 1) / BT;
@@ -185,18 +160,18 @@ __global__ void __launch_bounds__(kThreads)
         const unsigned hi = static_cast<unsigned>(m >> 32);
         const int64_t col = (w0 + k) * 64 + lane;
         if ((lo >> lane) & 1u) {
-          const float v = load_f(values + off + __popc(lo & below));
+          const float v = to_float(values[off + __popc(lo & below)]);
 #pragma unroll
           for (int t = 0; t < BT; ++t) {
-            if (t < nb) acc[t] = __fmaf_rn(v, load_f(xb + t * K + col), acc[t]);
+            if (t < nb) acc[t] = __fmaf_rn(v, to_float(xb[t * K + col]), acc[t]);
           }
         }
         off += __popc(lo);
         if ((hi >> lane) & 1u) {
-          const float v = load_f(values + off + __popc(hi & below));
+          const float v = to_float(values[off + __popc(hi & below)]);
 #pragma unroll
           for (int t = 0; t < BT; ++t) {
-            if (t < nb) acc[t] = __fmaf_rn(v, load_f(xb + t * K + col + 32), acc[t]);
+            if (t < nb) acc[t] = __fmaf_rn(v, to_float(xb[t * K + col + 32]), acc[t]);
           }
         }
         off += __popc(hi);
@@ -246,7 +221,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int r = 0; r < RPW; ++r) {
     const int i = first_i + r * kWarps;
-    bias_v[r] = (bias != nullptr && i < bh) ? load_f(bias + br * bh + i) : 0.0f;
+    bias_v[r] = (bias != nullptr && i < bh) ? to_float(bias[br * bh + i]) : 0.0f;
   }
 
   // Every loop bound below depends on blockIdx only, so all threads reach
@@ -270,7 +245,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t col = static_cast<int64_t>(block_col[pg]) * bw + j;
         voff[tid] = pg * blk_elems + j;
 #pragma unroll
-        for (int t = 0; t < BT; ++t) xs[t][tid] = t < nb ? load_f(xb + t * K + col) : 0.0f;
+        for (int t = 0; t < BT; ++t) xs[t][tid] = t < nb ? to_float(xb[t * K + col]) : 0.0f;
       }
       __syncthreads();
       const int len = static_cast<int>(total - e0 < kThreads ? total - e0 : kThreads);
@@ -280,7 +255,7 @@ __global__ void __launch_bounds__(kThreads)
         if (i < bh) {  // warp-uniform
           const T* __restrict__ vrow = values + static_cast<int64_t>(i) * bw;
           for (int e = lane; e < len; e += 32) {
-            const float v = load_f(vrow + voff[e]);
+            const float v = to_float(vrow[voff[e]]);
 #pragma unroll
             for (int t = 0; t < BT; ++t) acc[r][t] = __fmaf_rn(v, xs[t][e], acc[r][t]);
           }
@@ -306,22 +281,6 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------
 // Host side.
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <typename F>
-void dispatch_dtype(int code, F&& f) {
-  switch (code) {
-    case kCodeFloat32: return f(Tag<float>{});
-    case kCodeBFloat16: return f(Tag<__nv_bfloat16>{});
-    case kCodeFloat16: return f(Tag<__half>{});
-    default:
-      throw std::invalid_argument("pyopt CUDA: unknown dtype code " + std::to_string(code));
-  }
-}
-
 // Batch tile: the smallest of 1, 2, 4, 8 that covers min(B, 8).
 template <typename F>
 void dispatch_batch_tile(int64_t B, F&& f) {
@@ -332,34 +291,10 @@ void dispatch_batch_tile(int64_t B, F&& f) {
 }
 static_assert(kMaxBatchTile == 8, "dispatch_batch_tile tops out at 8");
 
-template <typename T>
-T* from_addr(int64_t addr) {
-  return reinterpret_cast<T*>(static_cast<uintptr_t>(addr));
-}
-
-cudaStream_t to_stream(int64_t stream) {
-  return reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
-}
-
 void check(cudaError_t err, const std::string& what) {
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear it so later calls do not report it again
     throw std::runtime_error("pyopt CUDA " + what + " failed: " + cudaGetErrorString(err));
-  }
-}
-
-// Throws unless the runtime initializes and sees at least one device.
-void require_device() {
-  int count = 0;
-  const cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    throw std::runtime_error(std::string("pyopt CUDA: no usable CUDA device: ") +
-                             cudaGetErrorString(err));
-  }
-  if (count == 0) {
-    throw std::runtime_error(std::string("pyopt CUDA: no usable CUDA device: ") +
-                             cudaGetErrorString(cudaErrorNoDevice));
   }
 }
 
@@ -404,7 +339,7 @@ void check_sizes(const char* name, int64_t B, int64_t N, int64_t K, int dtype) {
     throw std::invalid_argument(std::string("pyopt CUDA ") + name +
                                 ": B, N and K must be >= 0");
   }
-  if (dtype < kCodeFloat32 || dtype > kCodeFloat16) {
+  if (dtype < kFloat32 || dtype > kFloat16) {
     throw std::invalid_argument(std::string("pyopt CUDA ") + name + ": unknown dtype code " +
                                 std::to_string(dtype));
   }
