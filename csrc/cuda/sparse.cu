@@ -291,6 +291,13 @@ void dispatch_batch_tile(int64_t B, F&& f) {
 }
 static_assert(kMaxBatchTile == 8, "dispatch_batch_tile tops out at 8");
 
+// f(Tag<storage type>, integral_constant<batch tile>): the two template
+// parameters every sparse kernel is instantiated over.
+template <typename F>
+void dispatch_kernel(int dtype, int64_t B, F&& f) {
+  dispatch_dtype(dtype, [&](auto tag) { dispatch_batch_tile(B, [&](auto bt) { f(tag, bt); }); });
+}
+
 void check(cudaError_t err, const std::string& what) {
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear it so later calls do not report it again
@@ -360,23 +367,19 @@ void sparse_csr_linear(int64_t out, int64_t x, int64_t values, int64_t row_ptr, 
   require_device();
   const dim3 block(kThreads);
   const cudaStream_t s = to_stream(stream);
-  dispatch_dtype(dtype, [&](auto tag) {
+  dispatch_kernel(dtype, B, [&](auto tag, auto bt) {
     using T = typename decltype(tag)::type;
-    dispatch_batch_tile(B, [&](auto bt) {
-      constexpr int BT = decltype(bt)::value;
-      const dim3 grid = make_grid((N + kWarps - 1) / kWarps, (B + BT - 1) / BT, kName);
-      if (idx_bits == 16) {
-        csr_linear_kernel<T, uint16_t, BT><<<grid, block, 0, s>>>(
-            from_addr<T>(out), from_addr<const T>(x), from_addr<const T>(values),
-            from_addr<const int64_t>(row_ptr), from_addr<const uint16_t>(col_idx),
-            from_addr<const T>(bias), B, N, K);
-      } else {
-        csr_linear_kernel<T, int32_t, BT><<<grid, block, 0, s>>>(
-            from_addr<T>(out), from_addr<const T>(x), from_addr<const T>(values),
-            from_addr<const int64_t>(row_ptr), from_addr<const int32_t>(col_idx),
-            from_addr<const T>(bias), B, N, K);
-      }
-    });
+    constexpr int BT = decltype(bt)::value;
+    const dim3 grid = make_grid((N + kWarps - 1) / kWarps, (B + BT - 1) / BT, kName);
+    const auto go = [&](auto idx_tag) {
+      using I = typename decltype(idx_tag)::type;
+      csr_linear_kernel<T, I, BT><<<grid, block, 0, s>>>(
+          from_addr<T>(out), from_addr<const T>(x), from_addr<const T>(values),
+          from_addr<const int64_t>(row_ptr), from_addr<const I>(col_idx),
+          from_addr<const T>(bias), B, N, K);
+    };
+    if (idx_bits == 16) go(Tag<uint16_t>{});
+    else go(Tag<int32_t>{});
   });
   check_launch(kName);
 }
@@ -390,16 +393,14 @@ void sparse_bitmask_linear(int64_t out, int64_t x, int64_t values, int64_t row_p
   require_device();
   const dim3 block(kThreads);
   const cudaStream_t s = to_stream(stream);
-  dispatch_dtype(dtype, [&](auto tag) {
+  dispatch_kernel(dtype, B, [&](auto tag, auto bt) {
     using T = typename decltype(tag)::type;
-    dispatch_batch_tile(B, [&](auto bt) {
-      constexpr int BT = decltype(bt)::value;
-      const dim3 grid = make_grid((N + kWarps - 1) / kWarps, (B + BT - 1) / BT, kName);
-      bitmask_linear_kernel<T, BT><<<grid, block, 0, s>>>(
-          from_addr<T>(out), from_addr<const T>(x), from_addr<const T>(values),
-          from_addr<const int64_t>(row_ptr), from_addr<const uint64_t>(bitmask),
-          from_addr<const T>(bias), B, N, K);
-    });
+    constexpr int BT = decltype(bt)::value;
+    const dim3 grid = make_grid((N + kWarps - 1) / kWarps, (B + BT - 1) / BT, kName);
+    bitmask_linear_kernel<T, BT><<<grid, block, 0, s>>>(
+        from_addr<T>(out), from_addr<const T>(x), from_addr<const T>(values),
+        from_addr<const int64_t>(row_ptr), from_addr<const uint64_t>(bitmask),
+        from_addr<const T>(bias), B, N, K);
   });
   check_launch(kName);
 }
@@ -429,23 +430,21 @@ void sparse_bsr_linear(int64_t out, int64_t x, int64_t values, int64_t block_row
   if (block_rows > INT32_MAX / row_chunks) {
     throw std::invalid_argument("pyopt CUDA sparse_bsr_linear: too many output rows");
   }
-  dispatch_dtype(dtype, [&](auto tag) {
+  dispatch_kernel(dtype, B, [&](auto tag, auto bt) {
     using T = typename decltype(tag)::type;
-    dispatch_batch_tile(B, [&](auto bt) {
-      constexpr int BT = decltype(bt)::value;
-      const dim3 grid = make_grid(block_rows * row_chunks, (B + BT - 1) / BT, kName);
-      const auto go = [&](auto rpw_c) {
-        constexpr int RPW = decltype(rpw_c)::value;
-        bsr_linear_kernel<T, BT, RPW><<<grid, block, 0, s>>>(
-            from_addr<T>(out), from_addr<const T>(x), from_addr<const T>(values),
-            from_addr<const int64_t>(block_row_ptr), from_addr<const int32_t>(block_col),
-            from_addr<const T>(bias), B, N, K, static_cast<int>(bh), static_cast<int>(bw),
-            static_cast<int>(row_chunks));
-      };
-      if (rpw == 1) go(std::integral_constant<int, 1>{});
-      else if (rpw == 2) go(std::integral_constant<int, 2>{});
-      else go(std::integral_constant<int, 4>{});
-    });
+    constexpr int BT = decltype(bt)::value;
+    const dim3 grid = make_grid(block_rows * row_chunks, (B + BT - 1) / BT, kName);
+    const auto go = [&](auto rpw_c) {
+      constexpr int RPW = decltype(rpw_c)::value;
+      bsr_linear_kernel<T, BT, RPW><<<grid, block, 0, s>>>(
+          from_addr<T>(out), from_addr<const T>(x), from_addr<const T>(values),
+          from_addr<const int64_t>(block_row_ptr), from_addr<const int32_t>(block_col),
+          from_addr<const T>(bias), B, N, K, static_cast<int>(bh), static_cast<int>(bw),
+          static_cast<int>(row_chunks));
+    };
+    if (rpw == 1) go(std::integral_constant<int, 1>{});
+    else if (rpw == 2) go(std::integral_constant<int, 2>{});
+    else go(std::integral_constant<int, 4>{});
   });
   check_launch(kName);
 }
