@@ -97,22 +97,11 @@ def _sparse_backward(ctx, grad):
     k = x.shape[-1]
     g2, x2 = grad.reshape(-1, n), x.reshape(-1, k)
     t = dict(zip(formats.FIELDS[fmt], (values, ptr, idx)))
-    block = tuple(values.shape[1:]) if fmt == "bsr" else None
     gx = gv = gb = None
     if ctx.needs_input_grad[0]:
-        gx = (g2 @ formats.to_dense(fmt, t, (n, k), block=block)).reshape(x.shape)
+        gx = (g2 @ formats.to_dense(fmt, t, (n, k))).reshape(x.shape)
     if ctx.needs_input_grad[1]:
-        gw = g2.t() @ x2
-        if fmt == "csr":
-            rows = torch.repeat_interleave(torch.arange(n, device=x.device), ptr.diff())
-            cols = idx.to(torch.int64) & 0xFFFF if idx.dtype is torch.int16 else idx.to(torch.int64)
-            gv = gw[rows, cols]
-        elif fmt == "bsr":
-            bh, bw = block
-            r = torch.repeat_interleave(torch.arange(n // bh, device=x.device), ptr.diff())
-            gv = gw.reshape(n // bh, bh, k // bw, bw).transpose(1, 2)[r, idx.to(torch.int64)]
-        else:
-            gv = gw[formats.unpack_bits(idx, k)]
+        gv = formats.take(fmt, t, g2.t() @ x2)
         if fmt in ("bsr", "nm"):
             # stored zeros (pruned positions inside a kept block, or N:M
             # padding) get no gradient, so a fine-tune keeps them pruned

@@ -236,7 +236,7 @@ def _sparse_assert_close(fmt, got, t, x, bias, n, block):
     # Both sides accumulate in float32 (in different orders) and round once to
     # the dtype: allow one output ulp plus float32 reordering noise, scaled by
     # sum |w| |x| (+ |bias|).
-    wd = sparse_formats.to_dense(fmt, t, (n, x.shape[1]), block=block).float().abs()
+    wd = sparse_formats.to_dense(fmt, t, (n, x.shape[1])).float().abs()
     mag = x.float().abs() @ wd.T
     if bias is not None:
         mag = mag + bias.float().abs()

@@ -43,7 +43,7 @@ def _check(fmt, n, k, b, dtype, backend, density=0.4, bias=True, block=(8, 8), k
     t = formats.build(fmt, w, keep, block=block)
     formats.validate(fmt, t, (n, k), where="test")
     got = _kernels.linear(fmt, x, t, bb, n, backend)
-    wd = formats.to_dense(fmt, t, (n, k), block=block)
+    wd = formats.to_dense(fmt, t, (n, k))
     exact = x.double() @ wd.double().t() + (bb.double() if bias else 0)
     assert got.dtype == dtype and got.shape == (b, n)
     # one rounding of the fp32 sum, plus fp32 accumulation over k terms

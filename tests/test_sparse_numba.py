@@ -67,7 +67,7 @@ def _case(name, dtype, n, k, b, pattern, with_bias, seed):
     args = [t[f] for f in F.FIELDS[fmt]]
     x = torch.randn(b, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
-    dense = F.to_dense(fmt, t, (n, k), kw.get("block")).double()
+    dense = F.to_dense(fmt, t, (n, k)).double()
     exact = x.double() @ dense.T
     if bias is not None:
         exact = exact + bias.double()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..sparse.formats import columns, rows_of, unpack_bits
+
 
 def _finish(acc: torch.Tensor, bias, dtype) -> torch.Tensor:
     if bias is not None:
@@ -17,10 +19,7 @@ def _finish(acc: torch.Tensor, bias, dtype) -> torch.Tensor:
 
 def csr_linear(x, values, row_ptr, col_idx, bias, n: int) -> torch.Tensor:
     """x [B, K] -> [B, n] with W in csr."""
-    cols = col_idx.to(torch.int64)
-    if col_idx.dtype is torch.int16:
-        cols = cols & 0xFFFF
-    rows = torch.repeat_interleave(torch.arange(n, device=x.device), row_ptr.diff())
+    rows, cols = rows_of(row_ptr), columns(col_idx)
     acc = torch.zeros(x.shape[0], n, dtype=torch.float32, device=x.device)
     # each kept weight adds w * x[:, col] to out[:, row]
     acc.index_add_(1, rows, x.float()[:, cols] * values.float())
@@ -29,10 +28,7 @@ def csr_linear(x, values, row_ptr, col_idx, bias, n: int) -> torch.Tensor:
 
 def bitmask_linear(x, values, row_ptr, bitmask, bias, n: int) -> torch.Tensor:
     """x [B, K] -> [B, n] with W in bitmask (or nm) layout."""
-    k = x.shape[1]
-    shifts = torch.arange(64, device=x.device, dtype=torch.int64)
-    keep = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :k]
-    rows, cols = keep.nonzero(as_tuple=True)
+    rows, cols = unpack_bits(bitmask, x.shape[1]).nonzero(as_tuple=True)
     acc = torch.zeros(x.shape[0], n, dtype=torch.float32, device=x.device)
     acc.index_add_(1, rows, x.float()[:, cols] * values.float())
     return _finish(acc, bias, x.dtype)
@@ -42,7 +38,7 @@ def bsr_linear(x, values, block_row_ptr, block_col, bias, n: int) -> torch.Tenso
     """x [B, K] -> [B, n] with W in bsr, blocks values.shape[1:]."""
     bh, bw = values.shape[1], values.shape[2]
     b = x.shape[0]
-    r = torch.repeat_interleave(torch.arange(n // bh, device=x.device), block_row_ptr.diff())
+    r = rows_of(block_row_ptr)
     xb = x.float().view(b, -1, bw)[:, block_col.to(torch.int64)]        # [B, nblocks, bw]
     part = torch.einsum("bnc,nrc->bnr", xb, values.float())             # [B, nblocks, bh]
     acc = torch.zeros(b, n // bh, bh, dtype=torch.float32, device=x.device)

@@ -123,29 +123,46 @@ def to_bsr(w: torch.Tensor, keep: torch.Tensor, block: tuple[int, int]) -> dict:
             "block_col": c.to(torch.int32).contiguous()}
 
 
-def to_dense(fmt: str, t: dict, shape: tuple[int, int], block=None) -> torch.Tensor:
-    """The dense weight a format holds (zeros at pruned positions)."""
+def rows_of(ptr: torch.Tensor) -> torch.Tensor:
+    """The row (block row for bsr) of every stored entry, from its pointer array."""
+    return torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=ptr.device), ptr.diff())
+
+
+def columns(col_idx: torch.Tensor) -> torch.Tensor:
+    """csr column indices as int64 (int16 storage holds unsigned columns)."""
+    cols = col_idx.to(torch.int64)
+    return cols & 0xFFFF if col_idx.dtype is torch.int16 else cols
+
+
+def _slots(fmt: str, t: dict, shape: tuple[int, int]):
+    """(view, index): ``view(dense)[index]`` are the layout's values' places
+    in a dense [N, K] weight, in the layout's order."""
     n, k = shape
-    vals = t["values"]
-    out = torch.zeros(n, k, dtype=vals.dtype, device=vals.device)
     if fmt == "csr":
-        counts = t["row_ptr"].diff()
-        rows = torch.repeat_interleave(torch.arange(n, device=vals.device), counts)
-        cols = t["col_idx"].to(torch.int64)
-        if t["col_idx"].dtype is torch.int16:
-            cols = cols & 0xFFFF
-        out[rows, cols] = vals
-    elif fmt in ("bitmask", "nm"):
-        out[unpack_bits(t["bitmask"], k)] = vals
-    elif fmt == "bsr":
-        bh, bw = block
-        counts = t["block_row_ptr"].diff()
-        r = torch.repeat_interleave(torch.arange(n // bh, device=vals.device), counts)
-        view = out.view(n // bh, bh, k // bw, bw).transpose(1, 2)
-        view[r, t["block_col"].to(torch.int64)] = vals
-    else:
-        raise ValueError(f"unknown sparse format {fmt!r}")
+        return (lambda d: d), (rows_of(t["row_ptr"]), columns(t["col_idx"]))
+    if fmt in ("bitmask", "nm"):
+        return (lambda d: d), unpack_bits(t["bitmask"], k)
+    if fmt == "bsr":
+        bh, bw = t["values"].shape[1:]
+        return ((lambda d: d.view(n // bh, bh, k // bw, bw).transpose(1, 2)),
+                (rows_of(t["block_row_ptr"]), t["block_col"].to(torch.int64)))
+    raise ValueError(f"unknown sparse format {fmt!r}")
+
+
+def to_dense(fmt: str, t: dict, shape: tuple[int, int]) -> torch.Tensor:
+    """The dense weight a format holds (zeros at pruned positions)."""
+    vals = t["values"]
+    out = torch.zeros(shape, dtype=vals.dtype, device=vals.device)
+    view, index = _slots(fmt, t, shape)
+    view(out)[index] = vals
     return out
+
+
+def take(fmt: str, t: dict, dense: torch.Tensor) -> torch.Tensor:
+    """The entries of a dense [N, K] tensor at the layout's places, shaped
+    like its values (the inverse of to_dense)."""
+    view, index = _slots(fmt, t, tuple(dense.shape))
+    return view(dense.contiguous())[index]
 
 
 def build(fmt: str, w: torch.Tensor, keep: torch.Tensor, *, nm=(2, 4), block=(32, 32)) -> dict:
@@ -215,7 +232,7 @@ def validate(fmt: str, t: dict, shape: tuple[int, int], *, nm=(2, 4), where="Spa
         if idx.dtype is torch.int16 and k > U16_MAX_K:
             bad(f"int16 columns cannot address in_features={k} > {U16_MAX_K}")
         if total:
-            cols = idx.to(torch.int64) & 0xFFFF if idx.dtype is torch.int16 else idx.to(torch.int64)
+            cols = columns(idx)
             if int(cols.min()) < 0 or int(cols.max()) >= k:
                 bad("col_idx out of range")
         return

@@ -118,18 +118,17 @@ class SparseLinear(nn.Module):
 
     @property
     def nnz(self) -> int:
+        """Kept weights (the zeros nm and bsr store are pruned ones)."""
         if self.format == "dense":
             return int(self.mask.sum())
-        v = self.values
-        return v.numel() if self.format != "nm" else int((v != 0).sum())
+        return int((self.values != 0).sum()) if self.format in ("nm", "bsr") else self.values.numel()
 
     def to_dense(self) -> torch.Tensor:
         """The weight as a dense [out, in] tensor (zeros where pruned)."""
         if self.format == "dense":
             return self.values.detach() * self.mask
         return formats.to_dense(self.format, {k: v.detach() for k, v in self.layout().items()},
-                                (self.out_features, self.in_features),
-                                block=self.values.shape[1:] if self.format == "bsr" else None)
+                                (self.out_features, self.in_features))
 
     # -- construction --------------------------------------------------------
     @classmethod
