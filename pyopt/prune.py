@@ -66,12 +66,15 @@ def _count(sparsity, n):
     return round(sparsity * n)
 
 
-def _prune_smallest(scores, k):
-    """A keep-mask of ``scores``' shape with the ``k`` smallest entries False.
-    topk, like torch.nn.utils.prune, so both agree wherever there are no ties."""
+def _prune_smallest(scores, k, dim=None):
+    """A keep-mask of ``scores``' shape with the ``k`` smallest entries False,
+    over the whole tensor or along ``dim``. topk, like torch.nn.utils.prune,
+    so both agree wherever there are no ties."""
     mask = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    if k:
+    if k and dim is None:
         mask.view(-1)[torch.topk(scores.reshape(-1), k, largest=False).indices] = False
+    elif k:
+        mask.scatter_(dim, torch.topk(scores, k, dim=dim, largest=False).indices, False)
     return mask
 
 
@@ -285,11 +288,7 @@ def contribution(model, calib, sparsity=None, *, n_m=None, filter_fn=None, apply
         if n_m is not None:
             masks[name] = _keep_n_of_m(scores, *n_m)
             continue
-        k = _count(sparsity, m.in_features)
-        keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-        if k:
-            keep.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, False)
-        masks[name] = keep
+        masks[name] = _prune_smallest(scores, _count(sparsity, m.in_features), dim=1)
     return _finish(layers, masks, apply)
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import prune
 from . import formats
 from ._kernels import check_input
 
@@ -26,7 +27,7 @@ _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 def _keep_mask(linear: nn.Linear, mask) -> torch.Tensor:
     w = linear.weight
     if mask is None:
-        mask = getattr(linear, "_pyopt_mask", None)   # recorded by pyopt.prune
+        mask = prune.masks_of(linear).get("")   # recorded by pyopt.prune
     if mask is None:
         return w.detach() != 0
     if not isinstance(mask, torch.Tensor):
