@@ -209,15 +209,21 @@ void run_rmsprop(const int64_t* table, int64_t n, const RmspropHyper& h, cudaStr
   launcher.flush();
 }
 
+// Argument checks shared by the steps with one dtype; false: nothing to launch.
+bool begin_step(const char* name, int64_t n, int dtype) {
+  if (n < 0) throw std::invalid_argument(std::string("pyopt CUDA ") + name + ": n must be >= 0");
+  if (dtype < kFloat32 || dtype > kFloat16)
+    throw std::invalid_argument(std::string("pyopt CUDA ") + name + ": unknown dtype code");
+  if (n == 0) return false;
+  require_device();
+  return true;
+}
+
 }  // namespace
 
 void sgd_step(int64_t table_addr, int64_t n, double lr, double momentum, double dampening,
               double weight_decay, bool nesterov, bool maximize, int dtype, int64_t stream) {
-  if (n < 0) throw std::invalid_argument("pyopt CUDA sgd_step: n must be >= 0");
-  if (dtype < kFloat32 || dtype > kFloat16)
-    throw std::invalid_argument("pyopt CUDA sgd_step: unknown dtype code");
-  if (n == 0) return;
-  require_device();
+  if (!begin_step("sgd_step", n, dtype)) return;
   SgdHyper h;
   h.neg_lr = static_cast<float>(-lr);
   h.weight_decay = static_cast<float>(weight_decay);
@@ -225,7 +231,7 @@ void sgd_step(int64_t table_addr, int64_t n, double lr, double momentum, double 
   h.one_minus_dampening = static_cast<float>(1.0 - dampening);
   const int mom = momentum == 0.0 ? kNoMomentum : (nesterov ? kNesterov : kHeavyBall);
   const int64_t* table = from_addr<const int64_t>(table_addr);
-  const cudaStream_t s = reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
+  const cudaStream_t s = to_stream(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_bool(maximize, [&](auto mx) {
@@ -244,11 +250,7 @@ void sgd_step(int64_t table_addr, int64_t n, double lr, double momentum, double 
 void rmsprop_step(int64_t table_addr, int64_t n, double lr, double alpha, double eps,
                   double weight_decay, double momentum, bool centered, bool maximize, int dtype,
                   int64_t stream) {
-  if (n < 0) throw std::invalid_argument("pyopt CUDA rmsprop_step: n must be >= 0");
-  if (dtype < kFloat32 || dtype > kFloat16)
-    throw std::invalid_argument("pyopt CUDA rmsprop_step: unknown dtype code");
-  if (n == 0) return;
-  require_device();
+  if (!begin_step("rmsprop_step", n, dtype)) return;
   RmspropHyper h;
   h.neg_lr = static_cast<float>(-lr);
   h.alpha = static_cast<float>(alpha);
@@ -257,7 +259,7 @@ void rmsprop_step(int64_t table_addr, int64_t n, double lr, double alpha, double
   h.weight_decay = static_cast<float>(weight_decay);
   h.momentum = static_cast<float>(momentum);
   const int64_t* table = from_addr<const int64_t>(table_addr);
-  const cudaStream_t s = reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
+  const cudaStream_t s = to_stream(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_bool(maximize, [&](auto mx) {
@@ -303,7 +305,7 @@ void adam_step(int64_t table_addr, int64_t n, double lr, double beta1, double be
   const int wd = weight_decay == 0.0 ? kNoDecay : (decoupled ? kDecoupled : kL2);
 
   const int64_t* table = from_addr<const int64_t>(table_addr);
-  const cudaStream_t cu_stream = reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
+  const cudaStream_t cu_stream = to_stream(stream);
 
   dispatch_dtype(param_dtype, [&](auto p_tag) {
     dispatch_dtype(state_dtype, [&](auto s_tag) {
