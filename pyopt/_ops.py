@@ -71,10 +71,7 @@ def sparse_linear(x: Tensor, values: Tensor, ptr: Tensor, idx: Tensor, bias: Opt
                   fmt: str, n: int, backend: Optional[str] = None) -> Tensor:
     """x [..., K] @ W.T + bias with W in a pyopt.sparse.formats layout."""
     from .sparse import _kernels
-    from .sparse.formats import FIELDS
-    x2 = x.reshape(-1, x.shape[-1])
-    out = _kernels.linear(fmt, x2, dict(zip(FIELDS[fmt], (values, ptr, idx))), bias, n, backend)
-    return out.reshape(*x.shape[:-1], n)
+    return _kernels.linear_nd(x, values, ptr, idx, bias, fmt, n, backend)
 
 
 @sparse_linear.register_fake

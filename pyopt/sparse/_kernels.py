@@ -71,3 +71,10 @@ def linear(fmt: str, x: torch.Tensor, t: dict, bias, n: int, backend: str | None
                                       ptr.data_ptr(), idx.data_ptr(), b_addr, B, n, K,
                                       DTYPE_CODES[x.dtype], stream)
     return out
+
+
+def linear_nd(x, values, ptr, idx, bias, fmt: str, n: int, backend=None):
+    """x [..., K] -> [..., n]: the body of the ``pyopt::sparse_linear`` op."""
+    out = linear(fmt, x.reshape(-1, x.shape[-1]), dict(zip(FIELDS[fmt], (values, ptr, idx))),
+                 bias, n, backend)
+    return out.reshape(*x.shape[:-1], n)
