@@ -413,7 +413,10 @@ static void run_tiles(const SparseCall& c, const float* bias, int nt_max) {
 #pragma omp parallel num_threads(nt)
 #endif
   {
-    float* acc = alloc_floats(rows_per_item * L);
+    // csr/bitmask rows run against every lane group in turn, so a bitmask row
+    // is decoded once however large B is: acc holds all groups of the item.
+    const int64_t gstride = rows_per_item * L;
+    float* acc = alloc_floats(bsr ? gstride : G * gstride);
     int32_t* cols = c.format == kSparseBitmask
                         ? static_cast<int32_t*>(std::malloc(static_cast<size_t>(K + 1) * 4))
                         : nullptr;
@@ -423,32 +426,38 @@ static void run_tiles(const SparseCall& c, const float* bias, int nt_max) {
     for (int64_t it = 0; it < items; ++it) {
       const int64_t i0 = it * rows_per_item;
       const int64_t i1 = i0 + rows_per_item < N ? i0 + rows_per_item : N;
+      if (!bsr) {
+        for (int64_t i = i0; i < i1; ++i) {
+          float* acc_r = acc + (i - i0) * L;
+          if (c.format == kSparseCsr) {
+            for (int64_t g = 0; g < G; ++g)
+              csr_tile_row<V, I, NV>(vals, static_cast<const I*>(c.idx), c.ptr[i], c.ptr[i + 1],
+                                     xt + g * K * L, acc_r + g * gstride);
+          } else {
+            const int64_t n = decode_row(static_cast<const uint64_t*>(c.idx) + i * nw, nw, cols);
+            for (int64_t g = 0; g < G; ++g)
+              csr_tile_row<V, int32_t, NV>(vals + c.ptr[i], cols, 0, n, xt + g * K * L,
+                                           acc_r + g * gstride);
+          }
+        }
+      }
       for (int64_t g = 0; g < G; ++g) {
-        const float* xg = xt + g * K * L;
+        const float* acc_g = acc + (bsr ? 0 : g * gstride);
         if (bsr) {
           constexpr int RC = W == 16 ? 4 : 2;
           const int64_t q0 = c.ptr[it], q1 = c.ptr[it + 1];
           const int32_t* bcol = static_cast<const int32_t*>(c.idx);
+          const float* xg = xt + g * K * L;
           int64_t r = 0;
           for (; r + RC <= c.bh; r += RC)
             bsr_tile_rows<V, NV, RC>(vals, bcol, q0, q1, r, c.bh, c.bw, xg, acc + r * L);
           for (; r < c.bh; ++r)
             bsr_tile_rows<V, NV, 1>(vals, bcol, q0, q1, r, c.bh, c.bw, xg, acc + r * L);
-        } else {
-          for (int64_t i = i0; i < i1; ++i) {
-            if (c.format == kSparseCsr) {
-              csr_tile_row<V, I, NV>(vals, static_cast<const I*>(c.idx), c.ptr[i], c.ptr[i + 1],
-                                     xg, acc + (i - i0) * L);
-            } else {
-              const int64_t n = decode_row(static_cast<const uint64_t*>(c.idx) + i * nw, nw, cols);
-              csr_tile_row<V, int32_t, NV>(vals + c.ptr[i], cols, 0, n, xg, acc + (i - i0) * L);
-            }
-          }
         }
         const int64_t lanes = B - g * L < L ? B - g * L : L;
         for (int64_t l = 0; l < lanes; ++l) {
           V* o = out + (g * L + l) * N;
-          for (int64_t i = i0; i < i1; ++i) store_out(acc[(i - i0) * L + l], bias, i, &o[i]);
+          for (int64_t i = i0; i < i1; ++i) store_out(acc_g[(i - i0) * L + l], bias, i, &o[i]);
         }
       }
     }
