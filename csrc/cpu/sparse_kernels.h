@@ -35,6 +35,8 @@ namespace PYOPT_ISA {
 constexpr int64_t kSmallBatch = 4;
 constexpr int64_t kRowChunk = 16;     // rows per work item in the tile path
 constexpr int64_t kSmallChunk = 64;   // rows per work item in the small path
+// xt bytes of one column block, all lane groups (well inside a 1 MiB L2)
+constexpr int64_t kKBlockBytes = 256 << 10;
 // Below this many multiply-adds a second thread costs more than it saves.
 constexpr int64_t kMinWorkPerThread = 1 << 16;
 
@@ -305,7 +307,7 @@ static void run_small(const SparseCall& c, const float* xf, const float* bias) {
 }
 
 // ---------------------------------------------------------------- tiles
-// acc[r][0:L] = sum over row r's kept weights of v * xt[col][0:L], L = NV * W.
+// acc[0:L] += sum over kept weights p0..p1 of one row of v * xt[col][0:L], L = NV * W.
 // U independent accumulator sets hide the FMA latency when NV is small.
 template <typename V, typename I, int NV>
 static inline void csr_tile_row(const V* vals, const I* cols, int64_t p0, int64_t p1,
@@ -329,16 +331,17 @@ static inline void csr_tile_row(const V* vals, const I* cols, int64_t p0, int64_
     for (int k = 0; k < NV; ++k) a[0][k] = vfma(v, vload(xr + k * W), a[0][k]);
   }
   for (int k = 0; k < NV; ++k) {
-    VF s = a[0][k];
-    for (int u = 1; u < U; ++u) s = vadd(s, a[u][k]);
+    VF s = vload(acc + k * W);
+    for (int u = 0; u < U; ++u) s = vadd(s, a[u][k]);
     vstore(acc + k * W, s);
   }
 }
 
-// Column indices of one bitmask row, so the tile path can share csr_tile_row.
-static inline int64_t decode_row(const uint64_t* words, int64_t nw, int32_t* cols) {
+// Column indices of words w0..w1 of one bitmask row, so the tile path can
+// share csr_tile_row.
+static inline int64_t decode_words(const uint64_t* words, int64_t w0, int64_t w1, int32_t* cols) {
   int64_t n = 0;
-  for (int64_t w = 0; w < nw; ++w)
+  for (int64_t w = w0; w < w1; ++w)
     for (uint64_t word = words[w]; word; word &= word - 1)
       cols[n++] = static_cast<int32_t>(w * 64 + ctz64(word));
   return n;
@@ -408,18 +411,25 @@ static void run_tiles(const SparseCall& c, const float* bias, int nt_max) {
   const V* vals = static_cast<const V*>(c.values);
   V* out = static_cast<V*>(c.out);
   const int64_t nw = (K + 63) / 64;
+  // Column block: all of K while every group's xt fits kKBlockBytes, else
+  // kKBlockBytes over all groups, a multiple of 64 columns (bitmask words).
+  const int64_t xt_bytes = G * L * static_cast<int64_t>(sizeof(float));  // per column
+  int64_t kb = K * xt_bytes <= kKBlockBytes ? K : kKBlockBytes / xt_bytes / 64 * 64;
+  if (kb < 64) kb = 64;
   (void)nt;
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(nt)
 #endif
   {
-    // csr/bitmask rows run against every lane group in turn, so a bitmask row
-    // is decoded once however large B is: acc holds all groups of the item.
+    // csr/bitmask: the columns are walked in blocks of kb, with every row of
+    // the item and every lane group inside a block, so the xt rows a block
+    // touches (kb * L floats per group) stay in L2 while they are reused.
+    // A bitmask row is decoded once per call, one block at a time.
     const int64_t gstride = rows_per_item * L;
     float* acc = alloc_floats(bsr ? gstride : G * gstride);
-    int32_t* cols = c.format == kSparseBitmask
-                        ? static_cast<int32_t*>(std::malloc(static_cast<size_t>(K + 1) * 4))
-                        : nullptr;
+    int32_t* cols = c.format == kSparseBitmask ? static_cast<int32_t*>(
+                                                     std::malloc(static_cast<size_t>(kb + 1) * 4))
+                                               : nullptr;
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -427,17 +437,30 @@ static void run_tiles(const SparseCall& c, const float* bias, int nt_max) {
       const int64_t i0 = it * rows_per_item;
       const int64_t i1 = i0 + rows_per_item < N ? i0 + rows_per_item : N;
       if (!bsr) {
-        for (int64_t i = i0; i < i1; ++i) {
-          float* acc_r = acc + (i - i0) * L;
-          if (c.format == kSparseCsr) {
-            for (int64_t g = 0; g < G; ++g)
-              csr_tile_row<V, I, NV>(vals, static_cast<const I*>(c.idx), c.ptr[i], c.ptr[i + 1],
-                                     xt + g * K * L, acc_r + g * gstride);
-          } else {
-            const int64_t n = decode_row(static_cast<const uint64_t*>(c.idx) + i * nw, nw, cols);
-            for (int64_t g = 0; g < G; ++g)
-              csr_tile_row<V, int32_t, NV>(vals + c.ptr[i], cols, 0, n, xt + g * K * L,
-                                           acc_r + g * gstride);
+        int64_t cursor[kRowChunk];
+        for (int64_t i = i0; i < i1; ++i) cursor[i - i0] = c.ptr[i];
+        std::memset(acc, 0, sizeof(float) * G * gstride);
+        for (int64_t k0 = 0; k0 < K; k0 += kb) {
+          const int64_t k1 = k0 + kb < K ? k0 + kb : K;
+          for (int64_t i = i0; i < i1; ++i) {
+            float* acc_r = acc + (i - i0) * L;
+            const int64_t p0 = cursor[i - i0];
+            if (c.format == kSparseCsr) {
+              const I* idx = static_cast<const I*>(c.idx);
+              int64_t p1 = k1 == K ? c.ptr[i + 1] : p0;
+              while (p1 < c.ptr[i + 1] && col_of(idx, p1) < k1) ++p1;
+              for (int64_t g = 0; g < G; ++g)
+                csr_tile_row<V, I, NV>(vals, idx, p0, p1, xt + g * K * L, acc_r + g * gstride);
+              cursor[i - i0] = p1;
+            } else {
+              const int64_t w1 = (k1 + 63) / 64;
+              const int64_t n = decode_words(static_cast<const uint64_t*>(c.idx) + i * nw,
+                                             k0 / 64, w1 < nw ? w1 : nw, cols);
+              for (int64_t g = 0; g < G; ++g)
+                csr_tile_row<V, int32_t, NV>(vals + p0, cols, 0, n, xt + g * K * L,
+                                             acc_r + g * gstride);
+              cursor[i - i0] = p0 + n;
+            }
           }
         }
       }
