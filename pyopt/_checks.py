@@ -77,6 +77,11 @@ def _plain(t, where, what):
                         "supported by pyopt's kernels; use torch.optim for it")
 
 
+def _same_layout(p: torch.Tensor, t: torch.Tensor) -> bool:
+    """t is laid out like p in memory, so one element index addresses both."""
+    return t.is_contiguous() if p.is_contiguous() else t.stride() == p.stride()
+
+
 def param(p: torch.Tensor, where: str) -> None:
     """A parameter the native optimizers can update in place."""
     if not isinstance(p, torch.Tensor):
@@ -110,8 +115,7 @@ def grad(p: torch.Tensor, g: torch.Tensor, where: str, optimizer: str) -> None:
                          f"shape {tuple(p.shape)}")
     if g.device != p.device:
         raise ValueError(f"{where}: gradient on {g.device} but parameter on {p.device}")
-    same_layout = g.is_contiguous() if p.is_contiguous() else g.stride() == p.stride()
-    if not same_layout:
+    if not _same_layout(p, g):
         raise ValueError(f"{where}: gradient strides {g.stride()} differ from parameter "
                          f"strides {p.stride()}; make the gradient match the parameter layout")
 
@@ -127,7 +131,6 @@ def mask(p: torch.Tensor, m, where: str) -> None:
                          f"{tuple(p.shape)}")
     if m.device != p.device:
         raise ValueError(f"{where}: mask on {m.device} but parameter on {p.device}")
-    same_layout = m.is_contiguous() if p.is_contiguous() else m.stride() == p.stride()
-    if m.layout is not torch.strided or not same_layout:
+    if m.layout is not torch.strided or not _same_layout(p, m):
         raise ValueError(f"{where}: mask strides {m.stride()} differ from parameter strides "
                          f"{p.stride()}; pass a mask with the parameter's memory layout")
