@@ -13,6 +13,7 @@
 #include "build_info.h"
 #include "cpu/isa.h"
 #include "cpu/optim_cpu.h"
+#include "cpu/quant_cpu.h"
 #include "cpu/sparse_cpu.h"
 
 namespace py = pybind11;
@@ -83,6 +84,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("K"), py::arg("bh"), py::arg("bw"), py::arg("dtype"), py::arg("nthreads"),
         "out[B, N] = x[B, K] @ W^T + bias with W in a sparse layout (format 0 csr, 1 bitmask/nm, "
         "2 bsr; pyopt/sparse/formats.py). bias == 0: none.");
+
+  m.def("quant_linear", &pyopt::quant_linear_cpu, py::call_guard<py::gil_scoped_release>(),
+        py::arg("out"), py::arg("x"), py::arg("qweight"), py::arg("qtype"), py::arg("scale"),
+        py::arg("offset"), py::arg("bias"), py::arg("B"), py::arg("N"), py::arg("K"), py::arg("G"),
+        py::arg("act"), py::arg("dtype"), py::arg("nthreads"),
+        "out[B, N] = x[B, K] @ dequant(W)^T + bias with W quantized (qtype 0 int8, 1 uint8, "
+        "2 packed uint4; G groups per row; pyopt/quant/formats.py). act 0: float activations, "
+        "1: per-token int8 activations and integer dot products. offset/bias == 0: none.");
 
   m.def("build_info", &build_info);
   m.def("isa_compiled", [](const std::string& s) { return pyopt::isa_compiled(parse_isa(s)); });

@@ -109,3 +109,39 @@ def _sparse_backward(ctx, grad):
 
 
 sparse_linear.register_autograd(_sparse_backward, setup_context=_sparse_setup)
+
+
+# -- quantized linear ---------------------------------------------------------
+@torch.library.custom_op("pyopt::quant_linear", mutates_args=())
+def quant_linear(x: Tensor, qweight: Tensor, scale: Tensor, offset: Optional[Tensor],
+                 bias: Optional[Tensor], bits: int, act: str,
+                 backend: Optional[str] = None) -> Tensor:
+    """x [..., K] @ dequant(W).T + bias with W in a pyopt.quant.formats layout."""
+    from .quant import _kernels
+    return _kernels.linear_nd(x, qweight, scale, offset, bias, bits, act, backend)
+
+
+@quant_linear.register_fake
+def _(x, qweight, scale, offset, bias, bits, act, backend=None):
+    return x.new_empty(*x.shape[:-1], scale.shape[0])
+
+
+def _quant_setup(ctx, inputs, output):
+    x, qweight, scale, offset, _, bits, _, _ = inputs
+    ctx.save_for_backward(qweight, scale, offset)
+    ctx.bits, ctx.k = bits, x.shape[-1]
+
+
+def _quant_backward(ctx, grad):
+    # The input gradient through the dequantized weight (straight-through for
+    # the activation quantization of act="int8"); the quantized weight and
+    # its scales get none.
+    from .quant.formats import dequantize
+    qweight, scale, offset = ctx.saved_tensors
+    w = dequantize({"qweight": qweight, "scale": scale, "offset": offset}, ctx.bits, ctx.k)
+    gx = (grad.float() @ w).to(grad.dtype) if ctx.needs_input_grad[0] else None
+    gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[4] else None
+    return gx, None, None, None, gb, None, None, None
+
+
+quant_linear.register_autograd(_quant_backward, setup_context=_quant_setup)

@@ -1,0 +1,629 @@
+// Quantized linear CPU kernels, out = x @ dequant(W)^T + bias, W quantized as
+// in pyopt/quant/formats.py. Compiled once per ISA like sparse_kernels.h:
+// everything lives in namespace pyopt::PYOPT_ISA. The avx512 variant runs the
+// 256-bit code (compiled with EVEX encodings); there is no 512-bit or VNNI path.
+//
+// Paths:
+//  * float activations (weight-only), batch <= kGemvBatch: one pass over the
+//    weights, dequantized in registers (q * scale + offset, as the reference
+//    does), up to 4 batch rows x 4 weight rows per step.
+//  * float activations, larger batch: a panel of kPanel weight rows is
+//    dequantized once per kKBlock columns into a float buffer that stays in
+//    L1/L2, then a 4x3 register tile of dot products runs over it. The
+//    dequantization is amortised over the batch.
+//  * int8 activations (W8A8, W4A8): x is quantized per token once, then exact
+//    integer dot products: 8-bit weights widen to int16 and use vpmaddwd
+//    (no saturation, unlike vpmaddubsw with signed 8-bit weights on AVX2);
+//    4-bit weights are unsigned nibbles, so vpmaddubsw(nibble, int8 x) cannot
+//    saturate (15 * 127 * 2 < 2^15) and 8 of them can be summed in int16
+//    before widening.
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "cpu/convert.h"
+#include "cpu/quant_cpu.h"
+
+namespace pyopt {
+namespace PYOPT_ISA {
+
+constexpr int64_t kGemvBatch = 4;
+constexpr int64_t kPanel = 32;        // weight rows per work item (panel paths)
+constexpr int64_t kKBlock = 512;      // columns dequantized per panel step
+constexpr int64_t kGemvRows = 16;     // weight rows per work item (gemv path)
+constexpr int64_t kMinWorkPerThread = 1 << 16;
+
+static void* qalloc(int64_t bytes) { return std::malloc(static_cast<size_t>(bytes > 0 ? bytes : 1) + 64); }
+
+static int threads_for(const QuantCall& c, int64_t work, int64_t items) {
+  int64_t t = work / kMinWorkPerThread;
+  if (t > c.nthreads) t = c.nthreads;
+  if (t > items) t = items;
+  return t < 1 ? 1 : static_cast<int>(t);
+}
+
+// ---------------------------------------------------------------- weights
+// Byte and nibble of element k in a packed 4-bit row (formats.py block layout).
+static inline int nibble_at(const uint8_t* row, int64_t K, int64_t k) {
+  const int64_t b0 = k - k % 64;
+  const int64_t t = K - b0 < 64 ? K - b0 : 64;
+  const int64_t i = k - b0, h = t / 2;
+  const uint8_t byte = row[b0 / 2 + (i < h ? i : i - h)];
+  return i < h ? (byte & 0xF) : (byte >> 4);
+}
+
+static inline int q_at(const QuantCall& c, int64_t n, int64_t k) {
+  if (c.qtype == kQInt8) return static_cast<const int8_t*>(c.qw)[n * c.K + k];
+  if (c.qtype == kQUInt8) return static_cast<const uint8_t*>(c.qw)[n * c.K + k];
+  return nibble_at(static_cast<const uint8_t*>(c.qw) + n * (c.K / 2), c.K, k);
+}
+
+// Dequantized weight, exactly the reference's float32 q * scale + offset.
+static inline float w_at(const QuantCall& c, int64_t n, int64_t k) {
+  const int64_t g = n * c.G + k / (c.K / c.G);
+  const float w = static_cast<float>(q_at(c, n, k)) * c.scale[g];
+  return c.offset ? w + c.offset[g] : w;
+}
+
+// End of the range whose weights the vector loaders may read 8 at a time
+// (full 64-element blocks for packed 4-bit).
+static inline int64_t vec_end(const QuantCall& c) {
+  return c.qtype == kQUInt4 ? c.K - c.K % 64 : c.K - c.K % 8;
+}
+
+// ---------------------------------------------------------------- activations
+template <typename T>
+static void x_to_float(const T* x, float* xf, int64_t n) { load_block(x, xf, n); }
+
+static const float* float_x(const QuantCall& c, float** owned) {
+  *owned = nullptr;
+  if (c.dtype == 0) return static_cast<const float*>(c.x);
+  float* xf = static_cast<float*>(qalloc(c.B * c.K * 4));
+  if (c.dtype == 1) x_to_float(static_cast<const bf16*>(c.x), xf, c.B * c.K);
+  else x_to_float(static_cast<const f16*>(c.x), xf, c.B * c.K);
+  *owned = xf;
+  return xf;
+}
+
+template <typename T>
+static inline void store_row_t(const QuantCall& c, int64_t b, int64_t n0, int64_t cnt,
+                               const float* acc) {
+  T* out = static_cast<T*>(c.out) + b * c.N + n0;
+  const T* bias = c.bias ? static_cast<const T*>(c.bias) + n0 : nullptr;
+  for (int64_t j = 0; j < cnt; ++j) from_float(bias ? acc[j] + to_float(bias[j]) : acc[j], &out[j]);
+}
+
+// out[b, n0:n0+cnt] = acc + bias, rounded once to the output dtype.
+static inline void store_row(const QuantCall& c, int64_t b, int64_t n0, int64_t cnt,
+                             const float* acc) {
+  if (c.dtype == 0) store_row_t<float>(c, b, n0, cnt, acc);
+  else if (c.dtype == 1) store_row_t<bf16>(c, b, n0, cnt, acc);
+  else store_row_t<f16>(c, b, n0, cnt, acc);
+}
+
+// ---------------------------------------------------------------- float path
+#if defined(__AVX2__)
+static inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+#endif
+
+// Weights dequantized on the fly from the quantized rows (exactly the
+// reference's q * scale + offset). span() is the end of the group holding k;
+// set(n0, k) loads that group's scales once per span. A step is kStep
+// weights of one row: prep() loads them, sub<S>() gives the S-th 8 as float.
+template <int QT, bool OFF>
+struct DQ {
+  template <int C>
+  struct Rows {
+    static constexpr int kStep = QT == kQUInt4 ? 32 : 8;
+    const QuantCall* c;
+    int64_t gs;
+    float s[C], o[C];
+#if defined(__AVX2__)
+    __m256 vs[C], vo[C];
+#endif
+    int64_t span(int64_t k) const { return (k / gs + 1) * gs; }
+    void set(int64_t n0, int64_t k) {
+      const int64_t g = k / gs;
+      for (int j = 0; j < C; ++j) {
+        s[j] = c->scale[(n0 + j) * c->G + g];
+        o[j] = OFF ? c->offset[(n0 + j) * c->G + g] : 0.f;
+#if defined(__AVX2__)
+        vs[j] = _mm256_set1_ps(s[j]);
+        vo[j] = _mm256_set1_ps(o[j]);
+#endif
+      }
+    }
+#if defined(__AVX2__)
+    // 4-bit: the 32 nibbles of row n at k (k % 32 == 0) as bytes; one 32-byte
+    // block load serves both halves, the shift picks the nibble.
+    __m256i prep(int64_t n, int64_t k) const {
+      if constexpr (QT == kQUInt4) {
+        const int64_t i = k % 64;
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+            static_cast<const uint8_t*>(c->qw) + n * (c->K / 2) + (k - i) / 2));
+        return _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128(i ? 4 : 0)),
+                                _mm256_set1_epi8(0x0F));
+      } else {
+        (void)n, (void)k;
+        return _mm256_setzero_si256();
+      }
+    }
+    template <int S>
+    __m256 sub(int j, int64_t n, int64_t k, __m256i p) const {
+      __m256i q;
+      if constexpr (QT == kQUInt4) {
+        __m128i h = S < 2 ? _mm256_castsi256_si128(p) : _mm256_extracti128_si256(p, 1);
+        if (S & 1) h = _mm_srli_si128(h, 8);
+        q = _mm256_cvtepu8_epi32(h);
+      } else if constexpr (QT == kQInt8) {
+        q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(
+            static_cast<const int8_t*>(c->qw) + n * c->K + k)));
+      } else {
+        q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(
+            static_cast<const uint8_t*>(c->qw) + n * c->K + k)));
+      }
+      const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(q), vs[j]);
+      return OFF ? _mm256_add_ps(w, vo[j]) : w;
+    }
+#endif
+    float load1(int j, int64_t n, int64_t k) const {
+      const float w = static_cast<float>(q_at(*c, n, k)) * s[j];
+      return OFF ? w + o[j] : w;
+    }
+  };
+};
+
+// Weights already dequantized into a float panel: row n - n0 of buf.
+template <int C>
+struct FloatPanel {
+  static constexpr int kStep = 8;
+  const float* buf;
+  int64_t ld, n0, k0;
+  int64_t span(int64_t) const { return INT64_MAX; }
+  void set(int64_t, int64_t) {}
+#if defined(__AVX2__)
+  __m256i prep(int64_t, int64_t) const { return _mm256_setzero_si256(); }
+  template <int S>
+  __m256 sub(int, int64_t n, int64_t k, __m256i) const {
+    return _mm256_loadu_ps(buf + (n - n0) * ld + (k - k0));
+  }
+#endif
+  float load1(int, int64_t n, int64_t k) const { return buf[(n - n0) * ld + (k - k0)]; }
+};
+
+#if defined(__AVX2__)
+template <int S, int R, int C, class W>
+static inline void fsub(const W& w, const __m256i* p, const float* const* x, int64_t n0, int64_t k,
+                        __m256 (*a)[C]) {
+  __m256 wv[C];
+  for (int j = 0; j < C; ++j) wv[j] = w.template sub<S>(j, n0 + j, k + 8 * S, p[j]);
+  for (int r = 0; r < R; ++r) {
+    const __m256 xv = _mm256_loadu_ps(x[r] + k + 8 * S);
+    for (int j = 0; j < C; ++j) a[r][j] = _mm256_fmadd_ps(xv, wv[j], a[r][j]);
+  }
+}
+#endif
+
+// acc[r][j] += sum_{k in [k0, k1)} x[r][k] * W[n0 + j, k]; [k0, kv) goes a step at a time.
+template <int R, int C, class W>
+static inline void fdot(const float* const* x, W w, int64_t n0, int64_t k0, int64_t kv,
+                        int64_t k1, float (*acc)[4]) {
+  int64_t k = k0;
+#if defined(__AVX2__)
+  constexpr int kStep = W::kStep;
+  __m256 a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) a[r][j] = _mm256_setzero_ps();
+  while (k + kStep <= kv) {
+    w.set(n0, k);
+    int64_t ke = w.span(k);
+    ke = ke < kv ? ke : kv;
+    for (; k + kStep <= ke; k += kStep) {
+      __m256i p[C];
+      for (int j = 0; j < C; ++j) p[j] = w.prep(n0 + j, k);
+      fsub<0, R, C>(w, p, x, n0, k, a);
+      if constexpr (kStep == 32) {
+        fsub<1, R, C>(w, p, x, n0, k, a);
+        fsub<2, R, C>(w, p, x, n0, k, a);
+        fsub<3, R, C>(w, p, x, n0, k, a);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) acc[r][j] += hsum(a[r][j]);
+#else
+  (void)kv;
+#endif
+  while (k < k1) {
+    w.set(n0, k);
+    int64_t ke = w.span(k);
+    ke = ke < k1 ? ke : k1;
+    for (; k < ke; ++k)
+      for (int j = 0; j < C; ++j) {
+        const float wk = w.load1(j, n0 + j, k);
+        for (int r = 0; r < R; ++r) acc[r][j] += x[r][k] * wk;
+      }
+  }
+}
+
+template <template <int> class L, class... A>
+static void fdot_any(int R, int C, const float* const* x, int64_t n0, int64_t k0, int64_t kv,
+                     int64_t k1, float (*acc)[4], A... a) {
+#define PYOPT_FDOT(r, cc) case (r) * 8 + (cc): return fdot<r, cc>(x, L<cc>{a...}, n0, k0, kv, k1, acc);
+  switch (R * 8 + C) {
+    PYOPT_FDOT(1, 1) PYOPT_FDOT(1, 2) PYOPT_FDOT(1, 3) PYOPT_FDOT(1, 4)
+    PYOPT_FDOT(2, 1) PYOPT_FDOT(2, 2) PYOPT_FDOT(2, 3) PYOPT_FDOT(2, 4)
+    PYOPT_FDOT(3, 1) PYOPT_FDOT(3, 2) PYOPT_FDOT(3, 3)
+    PYOPT_FDOT(4, 1) PYOPT_FDOT(4, 2) PYOPT_FDOT(4, 3)
+    default: return;
+  }
+#undef PYOPT_FDOT
+}
+
+// Small batch: every weight is read once and dequantized in registers.
+template <int QT, bool OFF>
+static void float_gemv(const QuantCall& c, const float* xf) {
+  const int64_t tiles = (c.N + kGemvRows - 1) / kGemvRows;
+  const int nt = threads_for(c, c.B * c.N * c.K, tiles);
+  const int64_t kv = vec_end(c), gs = c.K / c.G;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t nend = (t + 1) * kGemvRows < c.N ? (t + 1) * kGemvRows : c.N;
+    // 4 weight rows for 1-2 batch rows, 3 for 3-4 (accumulators stay in registers)
+    const int64_t cw = c.B <= 2 ? 4 : 3;
+    for (int64_t n0 = t * kGemvRows; n0 < nend; n0 += cw) {
+      const int C = static_cast<int>(nend - n0 < cw ? nend - n0 : cw);
+      for (int64_t b0 = 0; b0 < c.B; b0 += 4) {
+        const int R = static_cast<int>(c.B - b0 < 4 ? c.B - b0 : 4);
+        const float* x[4];
+        float acc[4][4] = {};
+        for (int r = 0; r < R; ++r) x[r] = xf + (b0 + r) * c.K;
+        fdot_any<DQ<QT, OFF>::template Rows>(R, C, x, n0, 0, kv, c.K, acc, &c, gs);
+        for (int r = 0; r < R; ++r) store_row(c, b0 + r, n0, C, acc[r]);
+      }
+    }
+  }
+}
+
+// Larger batch: dequantize a panel once per column block, reuse it for every row of x.
+template <int QT, bool OFF>
+static void float_panel(const QuantCall& c, const float* xf) {
+  const int64_t panels = (c.N + kPanel - 1) / kPanel;
+  const int nt = threads_for(c, c.B * c.N * c.K, panels);
+  const int64_t kvq = vec_end(c);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    float* buf = static_cast<float*>(qalloc(kPanel * kKBlock * 4));
+    float* acc = static_cast<float*>(qalloc(c.B * kPanel * 4));
+    typename DQ<QT, OFF>::template Rows<1> dq{&c, c.K / c.G};
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t n0 = p * kPanel, rows = c.N - n0 < kPanel ? c.N - n0 : kPanel;
+      std::memset(acc, 0, static_cast<size_t>(c.B * kPanel) * 4);
+      for (int64_t k0 = 0; k0 < c.K; k0 += kKBlock) {
+        const int64_t k1 = k0 + kKBlock < c.K ? k0 + kKBlock : c.K;
+        for (int64_t j = 0; j < rows; ++j) {
+          float* dst = buf + j * kKBlock;
+          for (int64_t k = k0; k < k1;) {
+            dq.set(n0 + j, k);
+            const int64_t ke = dq.span(k) < k1 ? dq.span(k) : k1;
+#if defined(__AVX2__)
+            for (; k + 32 <= ke && k + 32 <= kvq; k += 32) {
+              const __m256i p = dq.prep(n0 + j, k);
+              if constexpr (QT == kQUInt4) {
+                _mm256_storeu_ps(dst + (k - k0), dq.template sub<0>(0, n0 + j, k, p));
+                _mm256_storeu_ps(dst + (k - k0) + 8, dq.template sub<1>(0, n0 + j, k + 8, p));
+                _mm256_storeu_ps(dst + (k - k0) + 16, dq.template sub<2>(0, n0 + j, k + 16, p));
+                _mm256_storeu_ps(dst + (k - k0) + 24, dq.template sub<3>(0, n0 + j, k + 24, p));
+              } else {
+                for (int64_t e = 0; e < 32; e += 8)
+                  _mm256_storeu_ps(dst + (k - k0) + e, dq.template sub<0>(0, n0 + j, k + e, p));
+              }
+            }
+#endif
+            for (; k < ke; ++k) dst[k - k0] = dq.load1(0, n0 + j, k);
+          }
+        }
+        const int64_t kv = k0 + (k1 - k0) / 8 * 8;
+        for (int64_t b0 = 0; b0 < c.B; b0 += 4) {
+          const int R = static_cast<int>(c.B - b0 < 4 ? c.B - b0 : 4);
+          const float* x[4];
+          for (int r = 0; r < R; ++r) x[r] = xf + (b0 + r) * c.K;
+          for (int64_t j0 = 0; j0 < rows; j0 += 3) {
+            const int C = static_cast<int>(rows - j0 < 3 ? rows - j0 : 3);
+            float t[4][4] = {};
+            fdot_any<FloatPanel>(R, C, x, n0 + j0, k0, kv, k1, t, buf + j0 * kKBlock,
+                                 kKBlock, n0 + j0, k0);
+            for (int r = 0; r < R; ++r)
+              for (int j = 0; j < C; ++j) acc[(b0 + r) * kPanel + j0 + j] += t[r][j];
+          }
+        }
+      }
+      for (int64_t b = 0; b < c.B; ++b) store_row(c, b, n0, rows, acc + b * kPanel);
+    }
+    std::free(buf);
+    std::free(acc);
+  }
+}
+
+// ---------------------------------------------------------------- int path
+// Per-token int8 quantization (formats.quantize_per_token): qx as int8 (for
+// 4-bit weights) or int16 (for 8-bit weights), sx [B], xs [B, G] group sums.
+struct QuantX {
+  void* qx;
+  float* sx;
+  int32_t* xs;
+  bool wide;
+};
+
+template <typename Q>
+static void quantize_rows(const QuantCall& c, const float* xf, Q* qx, float* sx, int32_t* xs) {
+  const int nt = threads_for(c, c.B * c.K * 64, c.B);
+  const int64_t gs = c.K / c.G;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t b = 0; b < c.B; ++b) {
+    const float* xr = xf + b * c.K;
+    float amax = 0.f;
+    bool finite = true;
+    for (int64_t k = 0; k < c.K; ++k) {
+      const float a = std::fabs(xr[k]);
+      if (!(a <= 3.4028234663852886e38f)) finite = false;  // NaN or inf
+      amax = a > amax ? a : amax;
+    }
+    Q* q = qx + b * c.K;
+    if (!finite) {
+      sx[b] = std::nanf("");
+      for (int64_t k = 0; k < c.K; ++k) q[k] = 0;
+      for (int64_t g = 0; g < c.G; ++g) xs[b * c.G + g] = 0;
+      continue;
+    }
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    sx[b] = amax / 127.f;
+    for (int64_t g = 0; g < c.G; ++g) {
+      int32_t s = 0;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
+        float v = std::nearbyint(xr[k] * inv);
+        v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
+        q[k] = static_cast<Q>(v);
+        s += static_cast<int32_t>(v);
+      }
+      xs[b * c.G + g] = s;
+    }
+  }
+}
+
+// facc[r][j] += sum_g scale[n0+j, g] * dot_g (r, j), the exact integer group dots.
+// Integer lane sums become float once per group: one fmadd per lane vector
+// instead of a horizontal sum per group.
+template <int QT, int R, int C>
+static inline void idot8(const QuantCall& c, const int16_t* const* x, int64_t n0, float (*facc)[4]) {
+  const int64_t gs = c.K / c.G;
+#if defined(__AVX2__)
+  __m256 fa[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) fa[r][j] = _mm256_setzero_ps();
+#endif
+  for (int64_t g = 0; g < c.G; ++g) {
+    const int64_t ks = g * gs, ke = ks + gs;
+    int64_t k = ks;
+    int32_t dot[R][C] = {};
+#if defined(__AVX2__)
+    __m256i a[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < C; ++j) a[r][j] = _mm256_setzero_si256();
+    for (; k + 16 <= ke; k += 16) {
+      __m256i wv[C];
+      for (int j = 0; j < C; ++j) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
+            static_cast<const uint8_t*>(c.qw) + (n0 + j) * c.K + k));
+        if constexpr (QT == kQInt8) wv[j] = _mm256_cvtepi8_epi16(raw);
+        else wv[j] = _mm256_cvtepu8_epi16(raw);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r] + k));
+        for (int j = 0; j < C; ++j) a[r][j] = _mm256_add_epi32(a[r][j], _mm256_madd_epi16(xv, wv[j]));
+      }
+    }
+    for (int j = 0; j < C; ++j) {
+      const __m256 s = _mm256_set1_ps(c.scale[(n0 + j) * c.G + g]);
+      for (int r = 0; r < R; ++r) fa[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][j]), s, fa[r][j]);
+    }
+#endif
+    for (; k < ke; ++k)
+      for (int j = 0; j < C; ++j) {
+        const int q = q_at(c, n0 + j, k);
+        for (int r = 0; r < R; ++r) dot[r][j] += x[r][k] * q;
+      }
+    for (int j = 0; j < C; ++j) {
+      const float s = c.scale[(n0 + j) * c.G + g];
+      for (int r = 0; r < R; ++r) facc[r][j] += s * static_cast<float>(dot[r][j]);
+    }
+  }
+#if defined(__AVX2__)
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) facc[r][j] += hsum(fa[r][j]);
+#endif
+}
+
+template <int R, int C>
+static inline void idot4(const QuantCall& c, const int8_t* const* x, int64_t n0, float (*facc)[4]) {
+  const int64_t gs = c.K / c.G;
+  const int64_t kv = vec_end(c);
+  const uint8_t* base = static_cast<const uint8_t*>(c.qw);
+#if defined(__AVX2__)
+  __m256 fa[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) fa[r][j] = _mm256_setzero_ps();
+#endif
+  for (int64_t g = 0; g < c.G; ++g) {
+    const int64_t ks = g * gs, ke = ks + gs;
+    int64_t k = ks;
+    int32_t dot[R][C] = {};
+#if defined(__AVX2__)
+    const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    while (k + 32 <= ke && k + 32 <= kv) {
+      // at most 8 nibble products per int16 lane before widening; the
+      // group's scale is the same for every such chunk
+      const int64_t kend = k + 256 < ke ? k + 256 : ke;
+      __m256i a16[R][C];
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < C; ++j) a16[r][j] = _mm256_setzero_si256();
+      for (; k + 32 <= kend && k + 32 <= kv; k += 32) {
+        const int64_t i = k % 64;
+        const __m128i shift = _mm_cvtsi32_si128(i ? 4 : 0);
+        __m256i wv[C];
+        for (int j = 0; j < C; ++j) {
+          const __m256i raw = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(base + (n0 + j) * (c.K / 2) + (k - i) / 2));
+          wv[j] = _mm256_and_si256(_mm256_srl_epi16(raw, shift), nib);
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r] + k));
+          for (int j = 0; j < C; ++j)
+            a16[r][j] = _mm256_add_epi16(a16[r][j], _mm256_maddubs_epi16(wv[j], xv));
+        }
+      }
+      for (int j = 0; j < C; ++j) {
+        const __m256 s = _mm256_set1_ps(c.scale[(n0 + j) * c.G + g]);
+        for (int r = 0; r < R; ++r)
+          fa[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a16[r][j], ones)), s,
+                                     fa[r][j]);
+      }
+    }
+#else
+    (void)kv;
+    (void)base;
+#endif
+    for (; k < ke; ++k)
+      for (int j = 0; j < C; ++j) {
+        const int q = q_at(c, n0 + j, k);
+        for (int r = 0; r < R; ++r) dot[r][j] += x[r][k] * q;
+      }
+    for (int j = 0; j < C; ++j) {
+      const float s = c.scale[(n0 + j) * c.G + g];
+      for (int r = 0; r < R; ++r) facc[r][j] += s * static_cast<float>(dot[r][j]);
+    }
+  }
+#if defined(__AVX2__)
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) facc[r][j] += hsum(fa[r][j]);
+#endif
+}
+
+template <int QT, typename Q>
+static void idot_any(const QuantCall& c, int R, int C, const Q* const* x, int64_t n0,
+                     float (*facc)[4]) {
+#define PYOPT_IDOT(r, cc)                                                              \
+  case (r) * 8 + (cc):                                                                 \
+    if constexpr (QT == kQUInt4) return idot4<r, cc>(c, reinterpret_cast<const int8_t* const*>(x), n0, facc); \
+    else return idot8<QT, r, cc>(c, reinterpret_cast<const int16_t* const*>(x), n0, facc);
+  switch (R * 8 + C) {
+    PYOPT_IDOT(1, 1) PYOPT_IDOT(1, 2) PYOPT_IDOT(1, 3)
+    PYOPT_IDOT(2, 1) PYOPT_IDOT(2, 2) PYOPT_IDOT(2, 3)
+    PYOPT_IDOT(3, 1) PYOPT_IDOT(3, 2) PYOPT_IDOT(3, 3)
+    PYOPT_IDOT(4, 1) PYOPT_IDOT(4, 2) PYOPT_IDOT(4, 3)
+    default: return;
+  }
+#undef PYOPT_IDOT
+}
+
+template <int QT, typename Q>
+static void int_gemm(const QuantCall& c, const Q* qx, const float* sx, const int32_t* xs) {
+  // register tiles: R x rows by C weight rows of accumulators, plus the
+  // weights and one x vector, within the 16 ymm registers
+  constexpr int RT = QT == kQUInt4 ? 2 : 4, CT = QT == kQUInt4 ? 3 : 2;
+  const int64_t panels = (c.N + kPanel - 1) / kPanel;
+  const int nt = threads_for(c, c.B * c.N * c.K / 4, panels);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    float* acc = static_cast<float*>(qalloc(kPanel * 4));
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t n0 = p * kPanel, rows = c.N - n0 < kPanel ? c.N - n0 : kPanel;
+      for (int64_t b0 = 0; b0 < c.B; b0 += RT) {
+        const int R = static_cast<int>(c.B - b0 < RT ? c.B - b0 : RT);
+        const Q* x[4];
+        for (int r = 0; r < R; ++r) x[r] = qx + (b0 + r) * c.K;
+        float out[4][kPanel];
+        for (int64_t j0 = 0; j0 < rows; j0 += CT) {
+          const int C = static_cast<int>(rows - j0 < CT ? rows - j0 : CT);
+          float t[4][4] = {};
+          idot_any<QT>(c, R, C, x, n0 + j0, t);
+          for (int r = 0; r < R; ++r)
+            for (int j = 0; j < C; ++j) out[r][j0 + j] = t[r][j];
+        }
+        for (int r = 0; r < R; ++r) {
+          const int64_t b = b0 + r;
+          for (int64_t j = 0; j < rows; ++j) {
+            float v = out[r][j];
+            if (c.offset) {
+              const float* o = c.offset + (n0 + j) * c.G;
+              const int32_t* s = xs + b * c.G;
+              for (int64_t g = 0; g < c.G; ++g) v += o[g] * static_cast<float>(s[g]);
+            }
+            acc[j] = v * sx[b];
+          }
+          store_row(c, b, n0, rows, acc);
+        }
+      }
+    }
+    std::free(acc);
+  }
+}
+
+// ---------------------------------------------------------------- entry
+template <int QT, bool OFF>
+static void run_spec(const QuantCall& c) {
+  float* owned = nullptr;
+  const float* xf = float_x(c, &owned);
+  if (c.act == kActFloat) {
+    if (c.B <= kGemvBatch) float_gemv<QT, OFF>(c, xf);
+    else float_panel<QT, OFF>(c, xf);
+  } else {
+    float* sx = static_cast<float*>(qalloc(c.B * 4));
+    int32_t* xs = static_cast<int32_t*>(qalloc(c.B * c.G * 4));
+    if constexpr (QT == kQUInt4) {
+      int8_t* qx = static_cast<int8_t*>(qalloc(c.B * c.K + 64));
+      quantize_rows(c, xf, qx, sx, xs);
+      int_gemm<QT>(c, qx, sx, xs);
+      std::free(qx);
+    } else {
+      int16_t* qx = static_cast<int16_t*>(qalloc(c.B * c.K * 2 + 64));
+      quantize_rows(c, xf, qx, sx, xs);
+      int_gemm<QT>(c, qx, sx, xs);
+      std::free(qx);
+    }
+    std::free(sx);
+    std::free(xs);
+  }
+  std::free(owned);
+}
+
+// Weight type and offset are template parameters so the inner loops carry no
+// branches on them.
+static void run(const QuantCall& c) {
+  const bool off = c.offset != nullptr;
+  if (c.qtype == kQInt8) return off ? run_spec<kQInt8, true>(c) : run_spec<kQInt8, false>(c);
+  if (c.qtype == kQUInt8) return off ? run_spec<kQUInt8, true>(c) : run_spec<kQUInt8, false>(c);
+  return off ? run_spec<kQUInt4, true>(c) : run_spec<kQUInt4, false>(c);
+}
+
+}  // namespace PYOPT_ISA
+
+void PYOPT_CAT(quant_linear, PYOPT_ISA)(const QuantCall& c) { PYOPT_ISA::run(c); }
+
+}  // namespace pyopt
