@@ -49,7 +49,7 @@ class QuantConfig:
 CONFIGS = {
     "int8": QuantConfig(8, "symmetric", "channel", None, "int8"),
     "int8_weight_only": QuantConfig(8, "symmetric", "channel", None, "float"),
-    "int4_weight_only": QuantConfig(4, "asymmetric", "group", 128, "float"),
+    "int4_weight_only": QuantConfig(4, "symmetric", "group", 128, "float"),
 }
 
 
