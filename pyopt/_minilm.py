@@ -100,3 +100,25 @@ def calibrate(model, sentences=CALIB) -> None:
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean cosine similarity between matching rows of a and b."""
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean().item()
+
+
+# Quantization cases for tests/test_minilm.py and examples/minilm_quant.py:
+# name -> (config, keyword arguments of pyopt.quant.quantize_), and the
+# required mean cosine to the fp32 model.
+QUANT_CASES = {
+    "int8_weight_only": ("int8_weight_only", {}),
+    "int8 (W8A8)": ("int8", {}),
+    "int4 g128 RTN": ("int4_weight_only", {"group_size": 128}),
+    "int4 g128 AWQ": ("int4_weight_only", {"group_size": 128, "calib": calibrate}),
+    "int4 g128 RTN, W4A8": ("int4_weight_only", {"group_size": 128, "act": "int8"}),
+}
+QUANT_REQUIRED = {"int8_weight_only": 0.999, "int8 (W8A8)": 0.995, "int4 g128 RTN": 0.95}
+
+
+def quantized(model, case: str):
+    """A quantized copy of model's encoder Linears for one QUANT_CASES entry."""
+    import copy
+
+    from .quant import quantize_
+    config, kw = QUANT_CASES[case]
+    return quantize_(copy.deepcopy(model), config, filter_fn=is_encoder_linear, **kw)
