@@ -38,6 +38,7 @@ namespace PYOPT_ISA {
 constexpr int64_t kGemvBatch = 4;
 constexpr int64_t kPanel = 32;        // weight rows per work item (panel paths)
 constexpr int64_t kKBlock = 512;      // columns dequantized per panel step
+constexpr int64_t kIntKBlock = 1024;  // columns per step of the integer path (a multiple of every group)
 constexpr int64_t kGemvRows = 16;     // weight rows per work item (gemv path)
 constexpr int64_t kMinWorkPerThread = 1 << 16;
 
@@ -274,29 +275,141 @@ static void fdot_any(int R, int C, const float* const* x, int64_t n0, int64_t k0
 #undef PYOPT_FDOT
 }
 
-// Small batch: every weight is read once and dequantized in registers.
+// Small batch in factored form: W = (q - z) * s + (o + z * s), z the centre
+// of the code range (0 for int8, 128 for uint8, 8 for 4-bit), so a group adds
+// s * sum((q - z) x) + o' * sum(x). Both sums run over small centred terms,
+// so rounding stays at the size of |W| |x| as in dequantize-then-matmul, and
+// a weight costs a widen, a convert and an FMA. xsum [R][G] holds sum(x) per group.
+template <int QT> constexpr int kCentre = QT == kQInt8 ? 0 : (QT == kQUInt8 ? 128 : 8);
+
+template <int QT, bool OFF, int R, int C>
+static inline void gdot(const QuantCall& c, const float* const* x, const float* xsum, int64_t n0,
+                        float (*acc)[4]) {
+  constexpr int Z = kCentre<QT>;
+  const int64_t gs = c.K / c.G, kv = vec_end(c);
+  const uint8_t* base = static_cast<const uint8_t*>(c.qw);
+#if defined(__AVX2__)
+  __m256 fa[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) fa[r][j] = _mm256_setzero_ps();
+#endif
+  for (int64_t g = 0; g < c.G; ++g) {
+    const int64_t ks = g * gs, ke = ks + gs;
+    int64_t k = ks;
+    float sc[C], tail[R][C] = {};
+    for (int j = 0; j < C; ++j) sc[j] = c.scale[(n0 + j) * c.G + g];
+#if defined(__AVX2__)
+    __m256 ag[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < C; ++j) ag[r][j] = _mm256_setzero_ps();
+    if constexpr (QT == kQUInt4) {
+      const __m256i nib = _mm256_set1_epi8(0x0F), z8 = _mm256_set1_epi8(8);
+      for (; k + 32 <= ke && k + 32 <= kv; k += 32) {
+        const int64_t i = k % 64;
+        const __m128i shift = _mm_cvtsi32_si128(i ? 4 : 0);
+        __m256i p[C];
+        for (int j = 0; j < C; ++j) {
+          const __m256i raw = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(base + (n0 + j) * (c.K / 2) + (k - i) / 2));
+          p[j] = _mm256_sub_epi8(_mm256_and_si256(_mm256_srl_epi16(raw, shift), nib), z8);
+        }
+        for (int h = 0; h < 2; ++h) {
+          __m128i lo[C];
+          for (int j = 0; j < C; ++j)
+            lo[j] = h ? _mm256_extracti128_si256(p[j], 1) : _mm256_castsi256_si128(p[j]);
+          for (int e = 0; e < 2; ++e) {
+            __m256 wv[C];
+            for (int j = 0; j < C; ++j)
+              wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e ? _mm_srli_si128(lo[j], 8) : lo[j]));
+            for (int r = 0; r < R; ++r) {
+              const __m256 xv = _mm256_loadu_ps(x[r] + k + 16 * h + 8 * e);
+              for (int j = 0; j < C; ++j) ag[r][j] = _mm256_fmadd_ps(xv, wv[j], ag[r][j]);
+            }
+          }
+        }
+      }
+    } else {
+      for (; k + 8 <= ke && k + 8 <= kv; k += 8) {
+        __m256 wv[C];
+        for (int j = 0; j < C; ++j) {
+          const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(base + (n0 + j) * c.K + k));
+          const __m256i q = QT == kQInt8 ? _mm256_cvtepi8_epi32(raw)
+                                         : _mm256_sub_epi32(_mm256_cvtepu8_epi32(raw), _mm256_set1_epi32(Z));
+          wv[j] = _mm256_cvtepi32_ps(q);
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m256 xv = _mm256_loadu_ps(x[r] + k);
+          for (int j = 0; j < C; ++j) ag[r][j] = _mm256_fmadd_ps(xv, wv[j], ag[r][j]);
+        }
+      }
+    }
+    for (int j = 0; j < C; ++j) {
+      const __m256 sv = _mm256_set1_ps(sc[j]);
+      for (int r = 0; r < R; ++r) fa[r][j] = _mm256_fmadd_ps(ag[r][j], sv, fa[r][j]);
+    }
+#else
+    (void)kv;
+    (void)base;
+#endif
+    for (; k < ke; ++k)
+      for (int j = 0; j < C; ++j) {
+        const float q = static_cast<float>(q_at(c, n0 + j, k) - Z);
+        for (int r = 0; r < R; ++r) tail[r][j] += q * x[r][k];
+      }
+    for (int j = 0; j < C; ++j) {
+      const float o = (OFF ? c.offset[(n0 + j) * c.G + g] : 0.f) + static_cast<float>(Z) * sc[j];
+      for (int r = 0; r < R; ++r) acc[r][j] += tail[r][j] * sc[j] + o * xsum[r * c.G + g];
+    }
+  }
+#if defined(__AVX2__)
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) acc[r][j] += hsum(fa[r][j]);
+#endif
+}
+
+template <int QT, bool OFF>
+static void gdot_any(const QuantCall& c, int R, int C, const float* const* x, const float* xsum,
+                     int64_t n0, float (*acc)[4]) {
+#define PYOPT_GDOT(r, cc) case (r) * 8 + (cc): return gdot<QT, OFF, r, cc>(c, x, xsum, n0, acc);
+  switch (R * 8 + C) {
+    PYOPT_GDOT(1, 1) PYOPT_GDOT(1, 2) PYOPT_GDOT(1, 3) PYOPT_GDOT(1, 4)
+    PYOPT_GDOT(2, 1) PYOPT_GDOT(2, 2) PYOPT_GDOT(2, 3)
+    PYOPT_GDOT(3, 1) PYOPT_GDOT(3, 2)
+    PYOPT_GDOT(4, 1) PYOPT_GDOT(4, 2)
+    default: return;
+  }
+#undef PYOPT_GDOT
+}
+
+// Small batch: every weight is read once, widened in registers.
 template <int QT, bool OFF>
 static void float_gemv(const QuantCall& c, const float* xf) {
   const int64_t tiles = (c.N + kGemvRows - 1) / kGemvRows;
   const int nt = threads_for(c, c.B * c.N * c.K, tiles);
-  const int64_t kv = vec_end(c), gs = c.K / c.G;
+  const int64_t gs = c.K / c.G;
+  float* xsum = static_cast<float*>(qalloc(c.B * c.G * 4));
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t g = 0; g < c.G; ++g) {
+      float t = 0.f;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) t += xf[b * c.K + k];
+      xsum[b * c.G + g] = t;
+    }
+  // weight rows per step: the accumulators of R x C dot products stay in registers
+  const int64_t cw = c.B == 1 ? 4 : (c.B == 2 ? 3 : 2);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t nend = (t + 1) * kGemvRows < c.N ? (t + 1) * kGemvRows : c.N;
-    // 4 weight rows for 1-2 batch rows, 3 for 3-4 (accumulators stay in registers)
-    const int64_t cw = c.B <= 2 ? 4 : 3;
     for (int64_t n0 = t * kGemvRows; n0 < nend; n0 += cw) {
       const int C = static_cast<int>(nend - n0 < cw ? nend - n0 : cw);
-      for (int64_t b0 = 0; b0 < c.B; b0 += 4) {
-        const int R = static_cast<int>(c.B - b0 < 4 ? c.B - b0 : 4);
-        const float* x[4];
-        float acc[4][4] = {};
-        for (int r = 0; r < R; ++r) x[r] = xf + (b0 + r) * c.K;
-        fdot_any<DQ<QT, OFF>::template Rows>(R, C, x, n0, 0, kv, c.K, acc, &c, gs);
-        for (int r = 0; r < R; ++r) store_row(c, b0 + r, n0, C, acc[r]);
-      }
+      const int R = static_cast<int>(c.B);
+      const float* x[4];
+      float acc[4][4] = {};
+      for (int r = 0; r < R; ++r) x[r] = xf + r * c.K;
+      gdot_any<QT, OFF>(c, R, C, x, xsum, n0, acc);
+      for (int r = 0; r < R; ++r) store_row(c, r, n0, C, acc[r]);
     }
   }
+  std::free(xsum);
 }
 
 // Larger batch: dequantize a panel once per column block, reuse it for every row of x.
@@ -410,15 +523,19 @@ static void quantize_rows(const QuantCall& c, const float* xf, Q* qx, float* sx,
 // Integer lane sums become float once per group: one fmadd per lane vector
 // instead of a horizontal sum per group.
 template <int QT, int R, int C>
-static inline void idot8(const QuantCall& c, const int16_t* const* x, int64_t n0, float (*facc)[4]) {
+static inline void idot8(const QuantCall& c, const int16_t* const* x, int64_t n0, int64_t k0,
+                         int64_t k1, float (*facc)[4]) {
   const int64_t gs = c.K / c.G;
 #if defined(__AVX2__)
   __m256 fa[R][C];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < C; ++j) fa[r][j] = _mm256_setzero_ps();
 #endif
-  for (int64_t g = 0; g < c.G; ++g) {
-    const int64_t ks = g * gs, ke = ks + gs;
+  // the part of each group inside [k0, k1): whole groups, or for per-channel
+  // scales the column block itself
+  for (int64_t g = k0 / gs; g * gs < k1; ++g) {
+    const int64_t ks = g * gs > k0 ? g * gs : k0;
+    const int64_t ke = (g + 1) * gs < k1 ? (g + 1) * gs : k1;
     int64_t k = ks;
     int32_t dot[R][C] = {};
 #if defined(__AVX2__)
@@ -460,7 +577,8 @@ static inline void idot8(const QuantCall& c, const int16_t* const* x, int64_t n0
 }
 
 template <int R, int C>
-static inline void idot4(const QuantCall& c, const int8_t* const* x, int64_t n0, float (*facc)[4]) {
+static inline void idot4(const QuantCall& c, const int8_t* const* x, int64_t n0, int64_t k0,
+                         int64_t k1, float (*facc)[4]) {
   const int64_t gs = c.K / c.G;
   const int64_t kv = vec_end(c);
   const uint8_t* base = static_cast<const uint8_t*>(c.qw);
@@ -469,8 +587,11 @@ static inline void idot4(const QuantCall& c, const int8_t* const* x, int64_t n0,
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < C; ++j) fa[r][j] = _mm256_setzero_ps();
 #endif
-  for (int64_t g = 0; g < c.G; ++g) {
-    const int64_t ks = g * gs, ke = ks + gs;
+  // the part of each group inside [k0, k1): whole groups, or for per-channel
+  // scales the column block itself
+  for (int64_t g = k0 / gs; g * gs < k1; ++g) {
+    const int64_t ks = g * gs > k0 ? g * gs : k0;
+    const int64_t ke = (g + 1) * gs < k1 ? (g + 1) * gs : k1;
     int64_t k = ks;
     int32_t dot[R][C] = {};
 #if defined(__AVX2__)
@@ -525,12 +646,12 @@ static inline void idot4(const QuantCall& c, const int8_t* const* x, int64_t n0,
 }
 
 template <int QT, typename Q>
-static void idot_any(const QuantCall& c, int R, int C, const Q* const* x, int64_t n0,
-                     float (*facc)[4]) {
+static void idot_any(const QuantCall& c, int R, int C, const Q* const* x, int64_t n0, int64_t k0,
+                     int64_t k1, float (*facc)[4]) {
 #define PYOPT_IDOT(r, cc)                                                              \
   case (r) * 8 + (cc):                                                                 \
-    if constexpr (QT == kQUInt4) return idot4<r, cc>(c, reinterpret_cast<const int8_t* const*>(x), n0, facc); \
-    else return idot8<QT, r, cc>(c, reinterpret_cast<const int16_t* const*>(x), n0, facc);
+    if constexpr (QT == kQUInt4) return idot4<r, cc>(c, reinterpret_cast<const int8_t* const*>(x), n0, k0, k1, facc); \
+    else return idot8<QT, r, cc>(c, reinterpret_cast<const int16_t* const*>(x), n0, k0, k1, facc);
   switch (R * 8 + C) {
     PYOPT_IDOT(1, 1) PYOPT_IDOT(1, 2) PYOPT_IDOT(1, 3)
     PYOPT_IDOT(2, 1) PYOPT_IDOT(2, 2) PYOPT_IDOT(2, 3)
@@ -548,37 +669,44 @@ static void int_gemm(const QuantCall& c, const Q* qx, const float* sx, const int
   constexpr int RT = QT == kQUInt4 ? 2 : 4, CT = QT == kQUInt4 ? 3 : 2;
   const int64_t panels = (c.N + kPanel - 1) / kPanel;
   const int nt = threads_for(c, c.B * c.N * c.K / 4, panels);
+  // Column blocks keep a tile of x rows in L1 while the panel's weight rows
+  // stream past it; when the whole tile fits, one block reads each weight row
+  // front to back, which the prefetchers follow best.
+  const int64_t tile_bytes = (c.B < RT ? c.B : RT) * c.K * static_cast<int64_t>(sizeof(Q));
+  const int64_t kb = tile_bytes <= (16 << 10) ? c.K : kIntKBlock;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    float* acc = static_cast<float*>(qalloc(kPanel * 4));
+    float* acc = static_cast<float*>(qalloc(c.B * kPanel * 4));
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t n0 = p * kPanel, rows = c.N - n0 < kPanel ? c.N - n0 : kPanel;
-      for (int64_t b0 = 0; b0 < c.B; b0 += RT) {
-        const int R = static_cast<int>(c.B - b0 < RT ? c.B - b0 : RT);
-        const Q* x[4];
-        for (int r = 0; r < R; ++r) x[r] = qx + (b0 + r) * c.K;
-        float out[4][kPanel];
-        for (int64_t j0 = 0; j0 < rows; j0 += CT) {
-          const int C = static_cast<int>(rows - j0 < CT ? rows - j0 : CT);
-          float t[4][4] = {};
-          idot_any<QT>(c, R, C, x, n0 + j0, t);
-          for (int r = 0; r < R; ++r)
-            for (int j = 0; j < C; ++j) out[r][j0 + j] = t[r][j];
-        }
-        for (int r = 0; r < R; ++r) {
-          const int64_t b = b0 + r;
-          for (int64_t j = 0; j < rows; ++j) {
-            float v = out[r][j];
-            if (c.offset) {
-              const float* o = c.offset + (n0 + j) * c.G;
-              const int32_t* s = xs + b * c.G;
-              for (int64_t g = 0; g < c.G; ++g) v += o[g] * static_cast<float>(s[g]);
-            }
-            acc[j] = v * sx[b];
+      std::memset(acc, 0, static_cast<size_t>(c.B * kPanel) * 4);
+      for (int64_t k0 = 0; k0 < c.K; k0 += kb) {
+        const int64_t k1 = k0 + kb < c.K ? k0 + kb : c.K;
+        for (int64_t b0 = 0; b0 < c.B; b0 += RT) {
+          const int R = static_cast<int>(c.B - b0 < RT ? c.B - b0 : RT);
+          const Q* x[4];
+          for (int r = 0; r < R; ++r) x[r] = qx + (b0 + r) * c.K;
+          for (int64_t j0 = 0; j0 < rows; j0 += CT) {
+            const int C = static_cast<int>(rows - j0 < CT ? rows - j0 : CT);
+            float t[4][4] = {};
+            idot_any<QT>(c, R, C, x, n0 + j0, k0, k1, t);
+            for (int r = 0; r < R; ++r)
+              for (int j = 0; j < C; ++j) acc[(b0 + r) * kPanel + j0 + j] += t[r][j];
           }
-          store_row(c, b, n0, rows, acc);
         }
+      }
+      for (int64_t b = 0; b < c.B; ++b) {
+        float* v = acc + b * kPanel;
+        for (int64_t j = 0; j < rows; ++j) {
+          if (c.offset) {
+            const float* o = c.offset + (n0 + j) * c.G;
+            const int32_t* s = xs + b * c.G;
+            for (int64_t g = 0; g < c.G; ++g) v[j] += o[g] * static_cast<float>(s[g]);
+          }
+          v[j] *= sx[b];
+        }
+        store_row(c, b, n0, rows, v);
       }
     }
     std::free(acc);
