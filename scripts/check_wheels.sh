@@ -39,7 +39,7 @@ $VPY -c "import pyopt; assert 'site-packages' in pyopt.__file__, pyopt.__file__"
 $VPY -m pyopt info
 ISAS=$($VPY -c "import pyopt; d = pyopt.info()['cpu_isa']; print(' '.join(i for i in d['supported'] if i != d['in_use']))")
 KERNEL_TESTS=()
-for t in build optim_adam optim_sgd_rmsprop amp_masks master_weights clip sparse bad_input; do
+for t in build optim_adam optim_sgd_rmsprop amp_masks master_weights clip sparse quant bad_input; do
   KERNEL_TESTS+=("$ROOT/tests/test_$t.py")
 done
 pids=()
