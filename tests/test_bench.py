@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from pyopt.bench import optim, peers, report
+from pyopt.bench import optim, peers, quant, report
 
 TINY = {"PYOPT_BENCH_TINY": "1"}
 
@@ -58,6 +58,63 @@ def test_output_files_and_json_schema(tiny_run):
     assert len(rows) == len(doc["results"]) and set(report.FIELDS) == set(rows[0])
     assert "| case | implementation |" in (out / "results.md").read_text()
     assert "pyopt native" in r.stdout and "speedup" in r.stdout
+
+
+def test_quant_suite_rows(tiny_run):
+    out, r = tiny_run
+    doc = json.loads((out / "results.json").read_text())
+    rows = [x for x in doc["results"] if x["suite"] == "quant"]
+    assert {x["case"] for x in rows} == {"tiny 64x256 fp32 B=1", "tiny 64x256 bf16 B=1",
+                                         "tiny 64x256 fp32 B=8"}
+    assert not [x for x in rows if x["status"] == "failed"]
+    ok = {(x["case"], x["impl"]): x for x in rows if x["status"] == "ok"}
+    fp32 = {i for c, i in ok if c == "tiny 64x256 fp32 B=8"}
+    assert fp32 >= {"torch F.linear fp32", "torch _weight_int8pack_mm",
+                    "torch _weight_int4pack_mm_for_cpu g128", "pyopt int8 W8A8",
+                    "pyopt int8_weight_only W8", "pyopt int4_weight_only W4",
+                    "pyopt int4 act=int8 W4A8", "pyopt numba int8 W8A8",
+                    "pyopt numba int4 act=int8 W4A8"}
+    engines = [e for e in quant.AO_ENGINES if e in torch.backends.quantized.supported_engines]
+    for e in engines:       # every supported engine runs, or says why not
+        x = next(x for x in rows if x["impl"] == f"torch.ao dynamic int8 {e}"
+                 and x["case"] == "tiny 64x256 fp32 B=8")
+        assert x["status"] == "ok" or x["reason"]
+    bf16 = {i for c, i in ok if c == "tiny 64x256 bf16 B=1"}
+    assert bf16 >= {"torch F.linear fp32", "torch F.linear bf16", "torch _weight_int8pack_mm",
+                    "pyopt int8_weight_only W8", "pyopt int4_weight_only W4",
+                    "pyopt numba int4_weight_only W4"}
+    assert not any("W8A8" in i or "W4A8" in i for i in bf16)
+    for (c, i), x in ok.items():
+        assert x["median_ms"] > 0 and x["reps"] >= 5 and x["speedup"] > 0, (c, i)
+        assert 0 <= x["error"] <= x["bound"] and x["gbps"] > 0 and x["of_copy"] > 0, (c, i)
+        assert x["dtype"] == ("bf16" if "bf16" in c and i != quant.BASELINE else "fp32")
+    base = ok[("tiny 64x256 fp32 B=1", quant.BASELINE)]
+    assert base["error"] == 0 and base["bytes_per_weight"] == 4
+    w4 = ok[("tiny 64x256 fp32 B=1", "pyopt int4_weight_only W4")]
+    assert 0.5 <= w4["bytes_per_weight"] < 0.6 and 0 < w4["error"] < 0.3
+    assert ok[("tiny 64x256 fp32 B=1", "pyopt int8_weight_only W8")]["error"] < 0.05
+    for peer in ("torchao", "bitsandbytes"):
+        if not doc["peers"][peer]["available"]:
+            assert any(x["impl"] == peer and x["status"] == "unavailable" for x in rows)
+    md = (out / "results.md").read_text()
+    assert "| tiny 64x256 fp32 B=1 | pyopt int4_weight_only W4 |" in md and "rel. error" in md
+    assert "rel err" in r.stdout and "pyopt int4 act=int8 W4A8" in r.stdout
+
+
+def test_quant_wrong_kernel_is_reported_as_failed():
+    def off_by_a_lot(layer, x):            # an int4 kernel that lost its scales
+        w = torch.sign(layer.w)
+        return (lambda: torch.nn.functional.linear(x, w)), layer.w.numel() // 2
+
+    case = quant.Case("tiny", 32, 128, 2)
+    recs = quant.run("cpu", min_time=0.01, case_list=[case], ref_elems=1 << 12,
+                     extra_impls={"broken int4": (off_by_a_lot, quant.BOUNDS["int4"])},
+                     only=["pyopt int4_weight_only W4", "broken int4"])
+    by = {r["impl"]: r for r in recs}
+    assert set(by) == {quant.BASELINE, "pyopt int4_weight_only W4", "broken int4"}
+    broken = by["broken int4"]
+    assert broken["status"] == "failed" and "relative error" in broken["reason"]
+    assert "median_ms" not in broken and by["pyopt int4_weight_only W4"]["status"] == "ok"
 
 
 def test_wrong_answer_is_reported_as_failed():

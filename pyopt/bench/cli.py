@@ -32,6 +32,37 @@ def _machine(device, threads) -> dict:
 
 
 def format_table(records) -> str:
+    quant = [r for r in records if r.get("suite") == "quant"]
+    other = [r for r in records if r.get("suite") != "quant"]
+    parts = [_table(other)] if other or not quant else []
+    if quant:
+        parts.append(_quant_table(quant))
+    return "\n\n".join(parts)
+
+
+def _b1(r, key, fmt):
+    """A bandwidth column of the quant tables: shown at batch 1 only, where the
+    weight bytes set the pace."""
+    return format(r[key], fmt) if r.get("batch") == 1 and r.get(key) is not None else "-"
+
+
+def _quant_table(records) -> str:
+    head = (f"{'case':22s} {'implementation':38s} {'median ms':>10s} {'IQR ms':>8s} "
+            f"{'reps':>5s} {'speedup':>8s} {'rel err':>8s} {'B/w':>6s} {'GB/s':>7s} "
+            f"{'of copy':>7s}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        if r["status"] != "ok":
+            lines.append(f"{r['case']:22s} {r['impl']:38s} {r['status']}: {r.get('reason', '')}")
+            continue
+        lines.append(f"{r['case']:22s} {r['impl']:38s} {r['median_ms']:10.3f} {r['iqr_ms']:8.3f} "
+                     f"{r['reps']:5d} {r['speedup']:7.2f}x {r['error']:8.1e} "
+                     f"{r['bytes_per_weight']:6.3f} {_b1(r, 'gbps', '7.1f'):>7s} "
+                     f"{_b1(r, 'of_copy', '7.0%'):>7s}")
+    return "\n".join(lines)
+
+
+def _table(records) -> str:
     head = (f"{'case':26s} {'implementation':38s} {'median ms':>10s} {'IQR ms':>8s} "
             f"{'reps':>5s} {'GB/s':>7s} {'of RMW':>7s} {'speedup':>8s}")
     lines = [head, "-" * len(head)]
@@ -47,22 +78,40 @@ def format_table(records) -> str:
 
 
 def format_markdown(records, limits, machine) -> str:
+    quant = [r for r in records if r.get("suite") == "quant"]
+    other = [r for r in records if r.get("suite") != "quant"]
     lines = [f"Machine: {machine['cpu']}, {machine['threads']} threads, ISA {machine['cpu_isa']}, "
              f"torch {machine['torch']}. Same-run references: copy {limits['copy_gbps']:.1f} GB/s, "
              f"triad {limits['triad_gbps']:.1f} GB/s, in-place RMW {limits['rmw_gbps']:.1f} GB/s, "
-             f"fp32 GEMM {limits['gemm_gflops']:.0f} GFLOP/s.", "",
-             "`of RMW`: achieved GB/s over the in-place RMW bandwidth timed in alternation with "
-             "the same case. `speedup`: against torch's fastest implementation of the same "
-             "operation (`fused=True` where torch has one).", "",
-             "| case | implementation | median ms | GB/s | of RMW | speedup |",
-             "|---|---|---:|---:|---:|---:|"]
-    for r in records:
+             f"fp32 GEMM {limits['gemm_gflops']:.0f} GFLOP/s."]
+    if other or not quant:
+        lines += ["", "`of RMW`: achieved GB/s over the in-place RMW bandwidth timed in "
+                  "alternation with the same case. `speedup`: against torch's fastest "
+                  "implementation of the same operation (`fused=True` where torch has one).", "",
+                  "| case | implementation | median ms | GB/s | of RMW | speedup |",
+                  "|---|---|---:|---:|---:|---:|"]
+    for r in other:
         if r["status"] != "ok":
             lines.append(f"| {r['case']} | {r['impl']} | {r['status']} | | | |")
             continue
         sp = r.get("speedup")
         lines.append(f"| {r['case']} | {r['impl']} | {r['median_ms']:.2f} | {r['gbps']:.1f} | "
                      f"{r['of_rmw']:.0%} | {f'{sp:.2f}x' if sp else '-'} |")
+    if quant:
+        lines += ["", "Quantized Linear (`pyopt bench quant`): `speedup` against fp32 `F.linear` "
+                  "on the float weight; `rel. error` = max |y - y_fp32| / max |y_fp32| against "
+                  "its output; `B/weight`: weight storage with its scales over out*in; `GB/s` "
+                  "(batch 1) counts that storage plus x and y once, `of copy` relates it to the "
+                  "copy bandwidth timed in alternation with the case.", "",
+                  "| case | implementation | median ms | speedup | rel. error | B/weight | "
+                  "GB/s | of copy |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in quant:
+        if r["status"] != "ok":
+            lines.append(f"| {r['case']} | {r['impl']} | {r['status']} | | | | | |")
+            continue
+        lines.append(f"| {r['case']} | {r['impl']} | {r['median_ms']:.2f} | "
+                     f"{r['speedup']:.2f}x | {r['error']:.1e} | {r['bytes_per_weight']:.3f} | "
+                     f"{_b1(r, 'gbps', '.1f')} | {_b1(r, 'of_copy', '.0%')} |")
     return "\n".join(lines)
 
 
