@@ -108,6 +108,19 @@ PYBIND11_MODULE(_C_cuda, m) {
       "out[B, N] = x[B, K] @ W.T + bias with W in bsr (block_row_ptr int64 [N/bh+1], "
       "block_col int32, values [nblocks, bh, bw]). bias == 0: no bias. Launches on `stream`.");
 
+  // quant_linear validates its own codes and sizes (csrc/cuda/quant.cu).
+  m.def("quant_linear", &pyopt::cuda::quant_linear, py::call_guard<py::gil_scoped_release>(),
+      py::arg("out"), py::arg("x"), py::arg("qweight"), py::arg("qtype"), py::arg("scale"),
+      py::arg("offset"), py::arg("bias"), py::arg("B"), py::arg("N"), py::arg("K"),
+      py::arg("G"), py::arg("act"), py::arg("dtype"), py::arg("ws_qx"), py::arg("ws_sx"),
+      py::arg("ws_xs"), py::arg("stream"),
+      "out[B, N] = x[B, K] @ W.T + bias with W quantized (qtype 0 int8 [N, K], 1 uint8 "
+      "[N, K], 2 packed 4-bit uint8 [N, K/2]; scale/offset float32 [N, G], offset == 0: "
+      "none). act 0: dequantize in registers, float32 accumulation; act 1: per-token int8 "
+      "activations into ws_qx int8 [B, K], ws_sx float32 [B], ws_xs int32 [B, G], then an "
+      "int8 tensor-core GEMM. bias == 0: no bias. Launches on `stream`, does not "
+      "synchronize.");
+
   m.def("device_count", &pyopt::cuda::device_count,
         "Visible CUDA devices; 0 when there is no driver or device. Never raises.");
 

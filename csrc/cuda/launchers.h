@@ -61,6 +61,30 @@ void sparse_bsr_linear(int64_t out, int64_t x, int64_t values, int64_t block_row
                        int64_t block_col, int64_t bias, int64_t B, int64_t N, int64_t K,
                        int64_t bh, int64_t bw, int dtype, int64_t stream);
 
+// Quantized linear out[b, n] = bias[n] + sum_k x[b, k] * W[n, k] with W [N, K]
+// in one of the layouts of pyopt/quant/formats.py: qtype 0 int8 [N, K], 1
+// uint8 [N, K], 2 packed 4-bit uint8 [N, K/2]; scale float32 [N, G], offset
+// float32 [N, G] or 0 (none), W = q * scale + offset. G groups of K / G
+// elements per row (a multiple of 32 when G > 1). x [B, K], out [B, N] and
+// bias [N] (0: none) share `dtype` (0 float32, 1 bfloat16, 2 float16), all
+// row-major and contiguous device addresses.
+//
+// act 0: weight-only; W is dequantized to float32 in registers, products are
+// accumulated in float32 and rounded once to dtype.
+// act 1: x is first quantized per token into the caller's workspaces ws_qx
+// int8 [B, K], ws_sx float32 [B] and ws_xs int32 [B, G] (per-group sums of
+// qx), as formats.quantize_per_token; then an int8 tensor-core GEMM with
+// exact int32 group sums gives out = bias + sx[b] * sum_g (scale[n, g] *
+// dot_g + offset[n, g] * xs[b, g]).
+//
+// Launches on `stream`, does not synchronize. B == 0 or N == 0 launches
+// nothing. Throws std::invalid_argument for bad codes or sizes and
+// std::runtime_error when no device is usable or a launch fails.
+void quant_linear(int64_t out, int64_t x, int64_t qweight, int qtype, int64_t scale,
+                  int64_t offset, int64_t bias, int64_t B, int64_t N, int64_t K, int64_t G,
+                  int act, int dtype, int64_t ws_qx, int64_t ws_sx, int64_t ws_xs,
+                  int64_t stream);
+
 // Number of visible CUDA devices; 0 when there is no driver or device.
 // Never throws.
 int device_count() noexcept;
