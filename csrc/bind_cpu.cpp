@@ -93,6 +93,14 @@ PYBIND11_MODULE(_C, m) {
         "2 packed uint4; G groups per row; pyopt/quant/formats.py). act 0: float activations, "
         "1: per-token int8 activations and integer dot products. offset/bias == 0: none.");
 
+  m.def("amx_status", [] {
+    const char* why = nullptr;
+    const bool ok = pyopt::quant_amx_available(&why);
+    return py::make_tuple(ok, why ? py::cast(std::string(why)) : py::none());
+  }, "(usable, reason): whether the quant kernels take AMX tiles at batch >= 16, "
+     "on the avx512 variant, for K a multiple of 64; reason says why not.");
+  m.def("set_amx", &pyopt::quant_amx_enable, py::arg("enabled"),
+        "Turn the AMX quant kernels on or off for this process (tests, comparisons).");
   m.def("build_info", &build_info);
   m.def("isa_compiled", [](const std::string& s) { return pyopt::isa_compiled(parse_isa(s)); });
   m.def("isa_supported", [](const std::string& s) { return pyopt::isa_supported(parse_isa(s)); });

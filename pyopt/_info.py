@@ -27,6 +27,10 @@ def info() -> dict:
                         "forced": os.environ.get("PYOPT_CPU_ISA") or None,
                         "supported": [i for i in _backends.ISAS
                                       if cpu.isa_compiled(i) and cpu.isa_supported(i)]}
+        ok, why = cpu.amx_status()
+        if ok and cpu.current_isa() != "avx512":
+            ok, why = False, f"needs the avx512 variant, {cpu.current_isa()} is in use"
+        d["quant_amx"] = {"used": ok, "reason": why}
     else:
         d["cpu_module"] = {"built": False, "reason": cpu_reason}
         d["cpu_isa"] = {"in_use": None, "reason": cpu_reason}
@@ -74,6 +78,11 @@ def format_info(d: dict) -> str:
         isa = d["cpu_isa"]
         forced = f" (forced by PYOPT_CPU_ISA)" if isa["forced"] else ""
         lines.append(f"CPU ISA:      {isa['in_use']}{forced}; best on this CPU: {isa['best']}")
+        a = d["quant_amx"]
+        lines.append("Quant AMX:    " + (
+            "int8 and bf16 tiles at batch >= 16 when in_features (and the group) "
+            "is a multiple of 64; other shapes run the ISA kernels" if a["used"]
+            else f"not used ({a['reason']}); quantized layers run the {isa['in_use']} kernels"))
     else:
         lines.append(f"CPU module:   unavailable: {c['reason']}")
     g = d["cuda_module"]

@@ -29,6 +29,8 @@ void quant_linear_cpu(int64_t out, int64_t x, int64_t qweight, int qtype, int64_
               B, N, K, G, qtype, act, dtype, nthreads < 1 ? 1 : nthreads};
   const Isa isa = current_isa();
 #if defined(PYOPT_HAVE_X86_VARIANTS)
+  // AMX rides on the avx512 variant, so forcing a lower ISA turns it off too
+  if (isa == Isa::kAVX512 && quant_amx_applies(c)) return quant_linear_amx(c);
   if (isa == Isa::kAVX512) return quant_linear_avx512(c);
   if (isa == Isa::kAVX2) return quant_linear_avx2(c);
 #endif

@@ -36,6 +36,14 @@ PYOPT_DECLARE_QUANT(avx512)
 #endif
 #undef PYOPT_DECLARE_QUANT
 
+// AMX tile kernels (quant_amx.cpp): available() says whether this build, CPU
+// and OS can run them and they are enabled (else *why says why not);
+// applies() whether a call takes them.
+bool quant_amx_available(const char** why);
+void quant_amx_enable(bool on);
+bool quant_amx_applies(const QuantCall& c);
+void quant_linear_amx(const QuantCall& c);
+
 void quant_linear_cpu(int64_t out, int64_t x, int64_t qweight, int qtype, int64_t scale,
                       int64_t offset, int64_t bias, int64_t B, int64_t N, int64_t K, int64_t G,
                       int act, int dtype, int nthreads);
