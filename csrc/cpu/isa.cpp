@@ -46,9 +46,10 @@ X86Features detect() {
   const bool avx2 = (r[1] >> 5) & 1, bmi1 = (r[1] >> 3) & 1, bmi2 = (r[1] >> 8) & 1;
   const bool avx512f = (r[1] >> 16) & 1, avx512dq = (r[1] >> 17) & 1;
   const bool avx512bw = (r[1] >> 30) & 1, avx512vl = (r[1] >> 31) & 1;
+  const bool avx512vnni = (r[2] >> 11) & 1;  // the avx512 variant is built with -mavx512vnni
   // the avx2 variant is also built with POPCNT/BMI1/BMI2 (every AVX2 CPU has them)
   f.avx2 = os_avx && avx2 && fma && f16c && popcnt && bmi1 && bmi2;
-  f.avx512 = f.avx2 && os_avx512 && avx512f && avx512dq && avx512bw && avx512vl;
+  f.avx512 = f.avx2 && os_avx512 && avx512f && avx512dq && avx512bw && avx512vl && avx512vnni;
   return f;
 }
 #endif

@@ -1,7 +1,10 @@
 // Quantized linear CPU kernels, out = x @ dequant(W)^T + bias, W quantized as
 // in pyopt/quant/formats.py. Compiled once per ISA like sparse_kernels.h:
-// everything lives in namespace pyopt::PYOPT_ISA. The avx512 variant runs the
-// 256-bit code (compiled with EVEX encodings); there is no 512-bit or VNNI path.
+// everything lives in namespace pyopt::PYOPT_ISA. The avx2 variant runs the
+// 256-bit code below; the avx512 variant (built with AVX512_VNNI) replaces the
+// float gemv and the whole integer path with the 512-bit code near the end of
+// this file ("512-bit small-batch paths") and runs the 256-bit float panel
+// for larger float batches.
 //
 // Paths:
 //  * float activations (weight-only), batch <= kGemvBatch: one pass over the
@@ -21,12 +24,20 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
 #if defined(__AVX2__)
 #include <immintrin.h>
+#endif
+// 512-bit float gemv; with AVX512_VNNI also the 512-bit integer path
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define PYOPT_QF512 1
+#if defined(__AVX512VNNI__)
+#define PYOPT_QI512 1
+#endif
 #endif
 
 #include "cpu/convert.h"
@@ -35,7 +46,11 @@
 namespace pyopt {
 namespace PYOPT_ISA {
 
+#if defined(PYOPT_QF512)
+constexpr int64_t kGemvBatch = 8;
+#else
 constexpr int64_t kGemvBatch = 4;
+#endif
 constexpr int64_t kPanel = 32;        // weight rows per work item (panel paths)
 constexpr int64_t kKBlock = 512;      // columns dequantized per panel step
 constexpr int64_t kIntKBlock = 1024;  // columns per step of the integer path (a multiple of every group)
@@ -713,15 +728,578 @@ static void int_gemm(const QuantCall& c, const Q* qx, const float* sx, const int
   }
 }
 
+// ---------------------------------------------------------------- 512-bit small-batch paths
+// The avx512 variant replaces the float gemv (batch <= kGemvBatch) with
+// 16-lane code, and, when built with AVX512_VNNI, the whole integer path
+// with vpdpbusd. Rows past N in a register tile repeat row N - 1 (valid
+// memory; their results are dropped), so each tile shape is one instantiation.
+#if defined(PYOPT_QF512)
+static inline __mmask16 lanes16(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n > 0 ? n : 0)) - 1u);
+}
+
+// Float activations, R batch rows x C weight rows, in gdot's centred
+// factored form: W = (q - z) s + o' with o' = o + z s, so a group adds
+// s * sum((q - z) x) over small centred terms (in 16 float lanes here) and
+// o' * sum(x), which the caller adds in scalar. Columns [kb0, kb1) (whole
+// groups, or multiples of 64 for per-channel scales) are added into the lane
+// sums st[r * C + j].
+//  * 4-bit: (q - 8) * s comes straight from the nibble through a 16-entry
+//    float table per row and group (vpermps reads only the low 4 index
+//    bits), i.e. the weight rounded once as dequantization does. A block (64
+//    elements, 32 bytes) gives its low nibbles (elements 0-31) and high
+//    nibbles (32-63) separately, so with groups of 32 each half takes its own
+//    group's table.
+//  * 8-bit, R <= 2: per group, sum((q - z) x) in two lane sets, then times s.
+//  * 8-bit, R > 2: the weight as (q - z) * s (per-channel: s applied per
+//    pass), one accumulator set, so wider tiles fit the registers.
+// pf[j] is the row the next step reads, prefetched at the same columns.
+template <int QT, bool OFF, int R, int C>
+static inline void gdot512(const QuantCall& c, const float* const* x, const int64_t* rows,
+                           const int64_t* pf, int64_t kb0, int64_t kb1, __m512* st) {
+  constexpr int Z = kCentre<QT>;
+  constexpr bool kTwo = R <= 2;  // two accumulator sets
+  const int64_t K = c.K, G = c.G, gs = K / G;
+  const int64_t rb = QT == kQUInt4 ? K / 2 : K;
+  const uint8_t* w[C];
+  const uint8_t* wn[C];
+  const float* sc[C];
+  for (int j = 0; j < C; ++j) {
+    w[j] = static_cast<const uint8_t*>(c.qw) + rows[j] * rb;
+    wn[j] = static_cast<const uint8_t*>(c.qw) + pf[j] * rb;
+    sc[j] = c.scale + rows[j] * G;
+  }
+  __m512 a0[R][C], a1[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) a0[r][j] = a1[r][j] = _mm512_setzero_ps();
+  if constexpr (QT == kQUInt4) {
+    const __m512 tab = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    __m512 tl[C], th[C];
+    auto tables = [&](int64_t gl, int64_t gh) {
+      for (int j = 0; j < C; ++j) {
+        tl[j] = _mm512_mul_ps(tab, _mm512_set1_ps(sc[j][gl]));
+        th[j] = gh == gl ? tl[j] : _mm512_mul_ps(tab, _mm512_set1_ps(sc[j][gh]));
+      }
+    };
+    // one block at k of h bytes (h = 32 for a full block): the low nibble of
+    // byte i is element k + i, the high nibble element k + h + i
+    auto block = [&](auto full_t, int64_t k, int64_t h, __mmask16 m0, __mmask16 m1) {
+      constexpr bool full = decltype(full_t)::value;
+      __m512 wl0[C], wl1[C], wh0[C], wh1[C];
+      for (int j = 0; j < C; ++j) {
+        const uint8_t* p = w[j] + k / 2;
+        if (full) _mm_prefetch(reinterpret_cast<const char*>(wn[j] + k / 2), _MM_HINT_T0);
+        const __m128i b0 = full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                                : _mm_maskz_loadu_epi8(m0, p);
+        const __m128i b1 = full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))
+                                : _mm_maskz_loadu_epi8(m1, p + 16);
+        const __m512i v0 = _mm512_cvtepu8_epi32(b0), v1 = _mm512_cvtepu8_epi32(b1);
+        wl0[j] = _mm512_permutexvar_ps(v0, tl[j]);
+        wl1[j] = _mm512_permutexvar_ps(v1, tl[j]);
+        wh0[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), th[j]);
+        wh1[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), th[j]);
+      }
+      for (int r = 0; r < R; ++r) {
+        const float* xr = x[r] + k;
+        const __m512 xl0 = full ? _mm512_loadu_ps(xr) : _mm512_maskz_loadu_ps(m0, xr);
+        const __m512 xl1 = full ? _mm512_loadu_ps(xr + 16) : _mm512_maskz_loadu_ps(m1, xr + 16);
+        const __m512 xh0 = full ? _mm512_loadu_ps(xr + h) : _mm512_maskz_loadu_ps(m0, xr + h);
+        const __m512 xh1 = full ? _mm512_loadu_ps(xr + h + 16) : _mm512_maskz_loadu_ps(m1, xr + h + 16);
+        for (int j = 0; j < C; ++j) {
+          if constexpr (kTwo) {
+            a0[r][j] = _mm512_fmadd_ps(xl0, wl0[j], a0[r][j]);
+            a1[r][j] = _mm512_fmadd_ps(xh0, wh0[j], a1[r][j]);
+            a0[r][j] = _mm512_fmadd_ps(xl1, wl1[j], a0[r][j]);
+            a1[r][j] = _mm512_fmadd_ps(xh1, wh1[j], a1[r][j]);
+          } else {
+            a0[r][j] = _mm512_fmadd_ps(xl0, wl0[j], a0[r][j]);
+            a0[r][j] = _mm512_fmadd_ps(xh0, wh0[j], a0[r][j]);
+            a0[r][j] = _mm512_fmadd_ps(xl1, wl1[j], a0[r][j]);
+            a0[r][j] = _mm512_fmadd_ps(xh1, wh1[j], a0[r][j]);
+          }
+        }
+      }
+    };
+    const int64_t kfull = K - K % 64;
+    const int64_t ht = (K - kfull) / 2;  // bytes of the partial block
+    if (G == 1 || gs % 64 == 0) {
+      for (int64_t g = kb0 / gs; g * gs < kb1; ++g) {
+        const int64_t ks = g * gs > kb0 ? g * gs : kb0, ke = (g + 1) * gs < kb1 ? (g + 1) * gs : kb1;
+        const int64_t kf = ke < kfull ? ke : kfull;
+        tables(g, g);
+        for (int64_t k = ks; k < kf; k += 64) block(std::true_type{}, k, 32, 0xFFFF, 0xFFFF);
+        if (ke > kfull) block(std::false_type{}, kfull, ht, lanes16(ht), lanes16(ht - 16));
+      }
+    } else {  // G > 1, gs % 64 == 32: a block's halves may lie in different groups
+      const int64_t kf = kb1 < kfull ? kb1 : kfull;
+      for (int64_t k = kb0; k < kf; k += 64) {
+        tables(k / gs, (k + 32) / gs);
+        block(std::true_type{}, k, 32, 0xFFFF, 0xFFFF);
+      }
+      if (kb1 > kfull) {
+        tables(kfull / gs, kfull / gs);
+        block(std::false_type{}, kfull, ht, lanes16(ht), lanes16(ht - 16));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < C; ++j) st[r * C + j] = _mm512_add_ps(st[r * C + j], _mm512_add_ps(a0[r][j], a1[r][j]));
+  } else {
+    // 16 weights of row j at k as centred floats (masked lanes read as 0 and
+    // meet x lanes masked to 0 too)
+    auto wv = [&](auto full_t, int j, int64_t k, __mmask16 m) {
+      constexpr bool full = decltype(full_t)::value;
+      const __m128i raw = full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[j] + k))
+                               : _mm_maskz_loadu_epi8(m, w[j] + k);
+      const __m512i q = QT == kQInt8 ? _mm512_cvtepi8_epi32(raw)
+                                     : _mm512_sub_epi32(_mm512_cvtepu8_epi32(raw), _mm512_set1_epi32(Z));
+      return _mm512_cvtepi32_ps(q);
+    };
+    if constexpr (kTwo) {
+      __m512 fa[R][C];
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < C; ++j) fa[r][j] = st[r * C + j];
+      for (int64_t g = kb0 / gs; g * gs < kb1; ++g) {
+        const int64_t ks = g * gs > kb0 ? g * gs : kb0, ke = (g + 1) * gs < kb1 ? (g + 1) * gs : kb1;
+        int64_t k = ks;
+        for (; k + 32 <= ke; k += 32) {
+          __m512 w0[C], w1[C];
+          for (int j = 0; j < C; ++j) {
+            _mm_prefetch(reinterpret_cast<const char*>(wn[j] + k), _MM_HINT_T0);
+            w0[j] = wv(std::true_type{}, j, k, 0xFFFF);
+            w1[j] = wv(std::true_type{}, j, k + 16, 0xFFFF);
+          }
+          for (int r = 0; r < R; ++r) {
+            const __m512 x0 = _mm512_loadu_ps(x[r] + k), x1 = _mm512_loadu_ps(x[r] + k + 16);
+            for (int j = 0; j < C; ++j) {
+              a0[r][j] = _mm512_fmadd_ps(x0, w0[j], a0[r][j]);
+              a1[r][j] = _mm512_fmadd_ps(x1, w1[j], a1[r][j]);
+            }
+          }
+        }
+        if (k < ke) {  // only at K when G == 1 and K % 32 != 0
+          const __mmask16 m0 = lanes16(ke - k), m1 = lanes16(ke - k - 16);
+          __m512 w0[C], w1[C];
+          for (int j = 0; j < C; ++j) {
+            w0[j] = wv(std::false_type{}, j, k, m0);
+            w1[j] = wv(std::false_type{}, j, k + 16, m1);
+          }
+          for (int r = 0; r < R; ++r) {
+            const __m512 x0 = _mm512_maskz_loadu_ps(m0, x[r] + k);
+            const __m512 x1 = _mm512_maskz_loadu_ps(m1, x[r] + k + 16);
+            for (int j = 0; j < C; ++j) {
+              a0[r][j] = _mm512_fmadd_ps(x0, w0[j], a0[r][j]);
+              a1[r][j] = _mm512_fmadd_ps(x1, w1[j], a1[r][j]);
+            }
+          }
+        }
+        for (int j = 0; j < C; ++j) {
+          const __m512 s = _mm512_set1_ps(sc[j][g]);
+          for (int r = 0; r < R; ++r) {
+            fa[r][j] = _mm512_fmadd_ps(_mm512_add_ps(a0[r][j], a1[r][j]), s, fa[r][j]);
+            a0[r][j] = a1[r][j] = _mm512_setzero_ps();
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < C; ++j) st[r * C + j] = fa[r][j];
+    } else {
+      const bool scaled = G > 1;  // else s is applied once per pass
+      for (int64_t g = kb0 / gs; g * gs < kb1; ++g) {
+        const int64_t ks = g * gs > kb0 ? g * gs : kb0, ke = (g + 1) * gs < kb1 ? (g + 1) * gs : kb1;
+        __m512 sv[C];
+        for (int j = 0; j < C; ++j) sv[j] = _mm512_set1_ps(sc[j][g]);
+        int64_t k = ks;
+        for (; k + 16 <= ke; k += 16) {
+          __m512 w0[C];
+          for (int j = 0; j < C; ++j) {
+            if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(wn[j] + k), _MM_HINT_T0);
+            w0[j] = wv(std::true_type{}, j, k, 0xFFFF);
+            if (scaled) w0[j] = _mm512_mul_ps(w0[j], sv[j]);
+          }
+          for (int r = 0; r < R; ++r) {
+            const __m512 x0 = _mm512_loadu_ps(x[r] + k);
+            for (int j = 0; j < C; ++j) a0[r][j] = _mm512_fmadd_ps(x0, w0[j], a0[r][j]);
+          }
+        }
+        if (k < ke) {  // only at K when G == 1 and K % 16 != 0
+          const __mmask16 m0 = lanes16(ke - k);
+          __m512 w0[C];
+          for (int j = 0; j < C; ++j) {
+            w0[j] = wv(std::false_type{}, j, k, m0);
+            if (scaled) w0[j] = _mm512_mul_ps(w0[j], sv[j]);
+          }
+          for (int r = 0; r < R; ++r) {
+            const __m512 x0 = _mm512_maskz_loadu_ps(m0, x[r] + k);
+            for (int j = 0; j < C; ++j) a0[r][j] = _mm512_fmadd_ps(x0, w0[j], a0[r][j]);
+          }
+        }
+      }
+      for (int j = 0; j < C; ++j) {
+        const __m512 s = _mm512_set1_ps(sc[j][0]);
+        for (int r = 0; r < R; ++r)
+          st[r * C + j] = scaled ? _mm512_add_ps(st[r * C + j], a0[r][j])
+                                 : _mm512_fmadd_ps(a0[r][j], s, st[r * C + j]);
+      }
+    }
+  }
+}
+
+// weight rows per step for R batch rows: the accumulators fit the 32 zmm registers
+constexpr int gemv512_cols(int R) { return R <= 4 ? 4 : 2; }
+constexpr int64_t kGemvXBytes = 24 << 10;  // x columns per pass stay in L1
+
+template <int QT, bool OFF>
+static void float_gemv512(const QuantCall& c, const float* xf) {
+  const int64_t tiles = (c.N + kGemvRows - 1) / kGemvRows;
+  const int nt = threads_for(c, c.B * c.N * c.K, tiles);
+  const int64_t K = c.K, G = c.G, gs = K / G;
+  constexpr bool kSum = OFF || kCentre<QT> != 0;
+  float* xsum = static_cast<float*>(qalloc(c.B * G * 4));
+  if (kSum) {
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t g = 0; g < G; ++g) {
+        const float* xr = xf + b * K + g * gs;
+        __m512 s = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 16 <= gs; k += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(xr + k));
+        if (k < gs) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(lanes16(gs - k), xr + k));
+        xsum[b * G + g] = _mm512_reduce_add_ps(s);
+      }
+  }
+  // column passes: whole groups (both halves of every 4-bit block in one
+  // pass), about kGemvXBytes of x each
+  const int64_t unit = G == 1 ? 64 : (gs % 64 == 0 ? gs : 2 * gs);
+  int64_t kb = kGemvXBytes / (4 * c.B) / unit * unit;
+  kb = kb < unit ? unit : kb;
+  const int R = static_cast<int>(c.B);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t nbeg = t * kGemvRows, nend = (t + 1) * kGemvRows < c.N ? (t + 1) * kGemvRows : c.N;
+    const float* x[8];
+    for (int r = 0; r < R; ++r) x[r] = xf + r * K;
+    auto run_tile = [&](auto rc) {
+      constexpr int RR = decltype(rc)::value, CC = gemv512_cols(RR);
+      constexpr int kSteps = (kGemvRows + CC - 1) / CC;
+      __m512 st[kSteps * RR * CC];
+      for (int i = 0; i < kSteps * RR * CC; ++i) st[i] = _mm512_setzero_ps();
+      for (int64_t k0 = 0; k0 < K; k0 += kb) {
+        const int64_t k1 = k0 + kb < K ? k0 + kb : K;
+        for (int64_t n0 = nbeg, i = 0; n0 < nend; n0 += CC, ++i) {
+          const int cnt = static_cast<int>(nend - n0 < CC ? nend - n0 : CC);
+          int64_t rows[CC], pf[CC];
+          for (int j = 0; j < CC; ++j) {
+            rows[j] = n0 + (j < cnt ? j : cnt - 1);
+            pf[j] = rows[j] + CC < c.N ? rows[j] + CC : c.N - 1;
+          }
+          gdot512<QT, OFF, RR, CC>(c, x, rows, pf, k0, k1, st + i * RR * CC);
+        }
+      }
+      for (int64_t n0 = nbeg, i = 0; n0 < nend; n0 += CC, ++i) {
+        const int cnt = static_cast<int>(nend - n0 < CC ? nend - n0 : CC);
+        for (int r = 0; r < RR; ++r) {
+          float acc[CC];
+          for (int j = 0; j < cnt; ++j) {
+            acc[j] = _mm512_reduce_add_ps(st[(i * RR + r) * CC + j]);
+            if (kSum) {
+              const float* sc = c.scale + (n0 + j) * G;
+              const float* of = OFF ? c.offset + (n0 + j) * G : nullptr;
+              for (int64_t g = 0; g < G; ++g) {
+                const float o = (OFF ? of[g] : 0.f) + static_cast<float>(kCentre<QT>) * sc[g];
+                acc[j] += o * xsum[r * G + g];
+              }
+            }
+          }
+          store_row(c, r, n0, cnt, acc);
+        }
+      }
+    };
+    switch (R) {
+      case 1: run_tile(std::integral_constant<int, 1>{}); break;
+      case 2: run_tile(std::integral_constant<int, 2>{}); break;
+      case 3: run_tile(std::integral_constant<int, 3>{}); break;
+      case 4: run_tile(std::integral_constant<int, 4>{}); break;
+      case 5: run_tile(std::integral_constant<int, 5>{}); break;
+      case 6: run_tile(std::integral_constant<int, 6>{}); break;
+      case 7: run_tile(std::integral_constant<int, 7>{}); break;
+      default: run_tile(std::integral_constant<int, 8>{}); break;
+    }
+  }
+  std::free(xsum);
+}
+#endif  // PYOPT_QF512
+
+#if defined(PYOPT_QI512)
+// Integer path with vpdpbusd (unsigned x signed bytes into int32 lanes, no
+// saturation). 8-bit signed weights go in as w ^ 0x80 = w + 128; the excess
+// 128 * sum(x) is taken off exactly in integers (below). 4-bit blocks are
+// broadcast to both 256-bit halves and the upper half shifted by 4, so one
+// 32-byte load gives the 64 nibbles in element order.
+//
+// x is int8 in rows of Kp = K rounded up to 64, zero padded; for packed
+// 4-bit weights a final partial block of t elements is laid out as
+// [t/2 low-nibble elements, zeros, t/2 high-nibble elements, zeros] to match
+// the broadcast block. Dword lane i of a 64-element block sums elements
+// 4i..4i+3, so lanes 0-7 hold elements 0-31 and lanes 8-15 elements 32-63.
+//
+// Modes: per-channel (G == 1) reduces the int32 lanes exactly (to int64 every
+// kISeg columns) and scales once; groups with gs % 64 == 0 turn the lanes of
+// each group to float (exact, |lane| < 2^24) times the group scale; groups
+// with gs % 64 == 32 do that per block, each half with its own group's scale.
+enum IMode : int { kIExact = 0, kIGroup = 1, kIHalf = 2 };
+constexpr int64_t kISeg = 8192;  // columns per exact int32 lane segment (no overflow)
+
+struct QX512 {
+  const int8_t* q;
+  int64_t Kp;
+  const int32_t* ncomp;  // int8 weights, grouped: [B, nseg, 16] lanes of -128 * x per segment
+  int64_t nseg;
+};
+
+template <int QT, int MODE, int R, int C>
+static inline void idot512(const QuantCall& c, const QX512& X, int64_t b0, const int64_t* rows,
+                           const int32_t* xs, float (*facc)[4]) {
+  const int64_t K = c.K, G = c.G, gs = K / G;
+  const int64_t kfull = K - K % 64;
+  const int64_t rb = QT == kQUInt4 ? K / 2 : K;
+  const uint8_t* w[C];
+  const uint8_t* wn[C];  // the rows of the next step, prefetched at the same columns
+  const float* sc[C];
+  for (int j = 0; j < C; ++j) {
+    w[j] = static_cast<const uint8_t*>(c.qw) + rows[j] * rb;
+    wn[j] = static_cast<const uint8_t*>(c.qw) + (rows[j] + C < c.N ? rows[j] + C : c.N - 1) * rb;
+    sc[j] = c.scale + rows[j] * G;
+  }
+  const int8_t* x[R];
+  for (int r = 0; r < R; ++r) x[r] = X.q + (b0 + r) * X.Kp;
+  const __m512i nib = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i shv = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  __m512i a[R][C];
+  // the block at k (t <= 64 elements; t < 64 only for the last)
+  auto block = [&](int64_t k, int64_t t) {
+    __m512i wv[C];
+    for (int j = 0; j < C; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(wn[j] + (QT == kQUInt4 ? k / 2 : k)), _MM_HINT_T0);
+      if constexpr (QT == kQUInt4) {
+        const __m256i raw =
+            t == 64 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + k / 2))
+                    : _mm256_maskz_loadu_epi8(static_cast<__mmask32>((1ull << (t / 2)) - 1), w[j] + k / 2);
+        wv[j] = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(raw), shv), nib);
+      } else {
+        __m512i raw = t == 64 ? _mm512_loadu_si512(w[j] + k)
+                              : _mm512_maskz_loadu_epi8(static_cast<__mmask64>((1ull << t) - 1), w[j] + k);
+        wv[j] = QT == kQInt8 ? _mm512_xor_si512(raw, flip) : raw;  // past K: x is 0
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i xv = _mm512_loadu_si512(x[r] + k);
+      for (int j = 0; j < C; ++j) a[r][j] = _mm512_dpbusd_epi32(a[r][j], wv[j], xv);
+    }
+  };
+  auto zero = [&]() {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < C; ++j) a[r][j] = _mm512_setzero_si512();
+  };
+  // grouped modes start each segment's lanes at -128 * x (int8 weights)
+  auto start = [&](int64_t seg) {
+    if constexpr (QT == kQInt8) {
+      for (int r = 0; r < R; ++r) {
+        const __m512i v = _mm512_loadu_si512(X.ncomp + ((b0 + r) * X.nseg + seg) * 16);
+        for (int j = 0; j < C; ++j) a[r][j] = v;
+      }
+    } else {
+      (void)seg;
+      zero();
+    }
+  };
+  if constexpr (MODE == kIExact) {
+    int64_t dot[R][C] = {};
+    for (int64_t s0 = 0; s0 < K; s0 += kISeg) {
+      const int64_t s1 = s0 + kISeg < K ? s0 + kISeg : K;
+      const int64_t e = s1 < kfull ? s1 : kfull;
+      zero();
+      int64_t k = s0;
+      for (; k < e; k += 64) block(k, 64);
+      if (k < s1) block(k, s1 - k);
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < C; ++j) dot[r][j] += _mm512_reduce_add_epi32(a[r][j]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t comp = QT == kQInt8 ? 128 * static_cast<int64_t>(xs[b0 + r]) : 0;
+      for (int j = 0; j < C; ++j)
+        facc[r][j] = static_cast<float>(static_cast<double>(dot[r][j] - comp) * static_cast<double>(sc[j][0]));
+    }
+  } else {
+    __m512 fa[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < C; ++j) fa[r][j] = _mm512_setzero_ps();
+    if constexpr (MODE == kIGroup) {  // G > 1, gs % 64 == 0: K % 64 == 0 too
+      for (int64_t g = 0; g < G; ++g) {
+        start(g);
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 64) block(k, 64);
+        for (int j = 0; j < C; ++j) {
+          const __m512 s = _mm512_set1_ps(sc[j][g]);
+          for (int r = 0; r < R; ++r) fa[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r][j]), s, fa[r][j]);
+        }
+      }
+    } else {  // G > 1, gs % 64 == 32: K % 64 is 0 or 32
+      for (int64_t k = 0, seg = 0; k < K; k += 64, ++seg) {
+        const int64_t t = K - k < 64 ? K - k : 64;
+        start(seg);
+        block(k, t);
+        const int64_t gl = k / gs, gh = t == 64 ? (k + 32) / gs : gl;
+        for (int j = 0; j < C; ++j) {
+          const __m512 s = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sc[j][gl]), _mm512_set1_ps(sc[j][gh]));
+          for (int r = 0; r < R; ++r) fa[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r][j]), s, fa[r][j]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < C; ++j) facc[r][j] = _mm512_reduce_add_ps(fa[r][j]);
+  }
+}
+
+// weight rows per step for R batch rows (int and float lane sets fit the registers)
+constexpr int int512_cols(int mode, int R) { return mode == kIExact ? 4 : (R <= 2 ? 4 : (R == 3 ? 3 : 2)); }
+
+template <int QT>
+static void int_gemm512(const QuantCall& c, const float* xf) {
+  const int64_t B = c.B, K = c.K, G = c.G, gs = K / G;
+  const int64_t Kp = (K + 63) / 64 * 64;
+  const int mode = G == 1 ? kIExact : (gs % 64 == 0 ? kIGroup : kIHalf);
+  const int64_t nseg = mode == kIGroup ? G : (mode == kIHalf ? Kp / 64 : 0);
+  int8_t* qx = static_cast<int8_t*>(qalloc(B * Kp + 64));
+  int8_t* qa = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(qx) + 63) & ~uintptr_t(63));
+  float* sx = static_cast<float*>(qalloc(B * 4));
+  int32_t* xs = static_cast<int32_t*>(qalloc(B * G * 4));
+  int32_t* ncomp = static_cast<int32_t*>(qalloc((QT == kQInt8 ? B * nseg * 16 : 0) * 4));
+  {
+    const int nt = threads_for(c, B * K * 64, B);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t b = 0; b < B; ++b) {
+      const float* xr = xf + b * K;
+      int8_t* q = qa + b * Kp;
+      // amax, and whether the row is finite (formats.quantize_per_token)
+      __m512 mx = _mm512_setzero_ps();
+      __mmask16 bad = 0;
+      const __m512 big = _mm512_set1_ps(3.4028234663852886e38f);
+      for (int64_t k = 0; k < K; k += 16) {
+        const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes16(K - k), xr + k));
+        bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ);  // NaN or inf
+        mx = _mm512_max_ps(mx, a);
+      }
+      std::memset(q, 0, static_cast<size_t>(Kp));
+      if (bad) {
+        sx[b] = std::nanf("");
+        for (int64_t g = 0; g < G; ++g) xs[b * G + g] = 0;
+      } else {
+        const float amax = _mm512_reduce_max_ps(mx);
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        sx[b] = amax / 127.f;
+        const __m512 vi = _mm512_set1_ps(inv), hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
+        for (int64_t k = 0; k < K; k += 16) {
+          const __mmask16 m = lanes16(K - k);
+          __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + k), vi),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+          _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          int32_t s = 0;
+          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += q[k];
+          xs[b * G + g] = s;
+        }
+        if (QT == kQUInt4 && K % 64) {  // re-lay the partial block
+          const int64_t k0 = K - K % 64, h = (K - k0) / 2;
+          int8_t hi_part[32];
+          std::memcpy(hi_part, q + k0 + h, static_cast<size_t>(h));
+          std::memset(q + k0 + h, 0, static_cast<size_t>(64 - h));
+          std::memcpy(q + k0 + 32, hi_part, static_cast<size_t>(h));
+        }
+      }
+      if (QT == kQInt8 && nseg) {
+        const int64_t seglen = mode == kIGroup ? gs : 64;
+        const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+        for (int64_t s = 0; s < nseg; ++s) {
+          __m512i v = _mm512_setzero_si512();
+          for (int64_t k = s * seglen; k < (s + 1) * seglen && k < Kp; k += 64)
+            v = _mm512_dpbusd_epi32(v, flip, _mm512_load_si512(q + k));
+          _mm512_storeu_si512(ncomp + (b * nseg + s) * 16, _mm512_sub_epi32(_mm512_setzero_si512(), v));
+        }
+      }
+    }
+  }
+  const QX512 X{qa, Kp, ncomp, nseg};
+  const int64_t panels = (c.N + kPanel - 1) / kPanel;
+  const int nt = threads_for(c, B * c.N * K / 4, panels);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    float* acc = static_cast<float*>(qalloc(B * kPanel * 4));
+    auto step = [&](auto md, auto rc, int64_t n0, int64_t nend, int64_t b0) {
+      constexpr int MD = decltype(md)::value, RR = decltype(rc)::value, CC = int512_cols(MD, RR);
+      for (int64_t j0 = n0; j0 < nend; j0 += CC) {
+        const int cnt = static_cast<int>(nend - j0 < CC ? nend - j0 : CC);
+        int64_t rows[CC];
+        for (int j = 0; j < CC; ++j) rows[j] = j0 + (j < cnt ? j : cnt - 1);
+        float t[4][4];
+        idot512<QT, MD, RR, CC>(c, X, b0, rows, xs, t);
+        for (int r = 0; r < RR; ++r)
+          for (int j = 0; j < cnt; ++j) acc[(b0 + r) * kPanel + (j0 - n0) + j] = t[r][j];
+      }
+    };
+    auto by_rows = [&](auto md, int64_t n0, int64_t nend) {
+      for (int64_t b0 = 0; b0 < B; b0 += 4) {
+        switch (B - b0 < 4 ? B - b0 : 4) {
+          case 1: step(md, std::integral_constant<int, 1>{}, n0, nend, b0); break;
+          case 2: step(md, std::integral_constant<int, 2>{}, n0, nend, b0); break;
+          case 3: step(md, std::integral_constant<int, 3>{}, n0, nend, b0); break;
+          default: step(md, std::integral_constant<int, 4>{}, n0, nend, b0); break;
+        }
+      }
+    };
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t n0 = p * kPanel, rows = c.N - n0 < kPanel ? c.N - n0 : kPanel;
+      if (mode == kIExact) by_rows(std::integral_constant<int, kIExact>{}, n0, n0 + rows);
+      else if (mode == kIGroup) by_rows(std::integral_constant<int, kIGroup>{}, n0, n0 + rows);
+      else by_rows(std::integral_constant<int, kIHalf>{}, n0, n0 + rows);
+      for (int64_t b = 0; b < B; ++b) {
+        float* v = acc + b * kPanel;
+        for (int64_t j = 0; j < rows; ++j) {
+          if (c.offset) {
+            const float* o = c.offset + (n0 + j) * G;
+            const int32_t* s = xs + b * G;
+            for (int64_t g = 0; g < G; ++g) v[j] += o[g] * static_cast<float>(s[g]);
+          }
+          v[j] *= sx[b];
+        }
+        store_row(c, b, n0, rows, v);
+      }
+    }
+    std::free(acc);
+  }
+  std::free(qx);
+  std::free(sx);
+  std::free(xs);
+  std::free(ncomp);
+}
+#endif  // PYOPT_QI512
+
 // ---------------------------------------------------------------- entry
 template <int QT, bool OFF>
 static void run_spec(const QuantCall& c) {
   float* owned = nullptr;
   const float* xf = float_x(c, &owned);
   if (c.act == kActFloat) {
+#if defined(PYOPT_QF512)
+    if (c.B <= kGemvBatch) float_gemv512<QT, OFF>(c, xf);
+#else
     if (c.B <= kGemvBatch) float_gemv<QT, OFF>(c, xf);
+#endif
     else float_panel<QT, OFF>(c, xf);
   } else {
+#if defined(PYOPT_QI512)
+    int_gemm512<QT>(c, xf);
+#else
     float* sx = static_cast<float*>(qalloc(c.B * 4));
     int32_t* xs = static_cast<int32_t*>(qalloc(c.B * c.G * 4));
     if constexpr (QT == kQUInt4) {
@@ -737,6 +1315,7 @@ static void run_spec(const QuantCall& c) {
     }
     std::free(sx);
     std::free(xs);
+#endif
   }
   std::free(owned);
 }
