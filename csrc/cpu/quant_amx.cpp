@@ -88,12 +88,14 @@ static const char* unsupported() {
 }
 
 // ---------------------------------------------------------------- x packing
-// Tile-pair layout of B: block (mb, kc) is 16 rows of 64 bytes; row r holds,
-// for each of the 16 tokens of block mb, the E elements k = kc*KC + E*r + [0, E)
-// (E = 4 int8 or 2 bf16, KC = 16 E). Padding tokens are zero.
-template <typename T>
-static inline T* xblock(T* xp, int64_t kcs, int64_t mb, int64_t kc) {
-  return xp + (mb * kcs + kc) * (1024 / static_cast<int64_t>(sizeof(T)));
+// Tile-pair layout of B: 1 KB blocks of 16 rows x 64 bytes, ordered by
+// column chunk, then part, then 16-token block, so the x of a group (every
+// part and token) is one contiguous run that L2 keeps without set conflicts.
+// Row r of block (kc, part, mb) holds, for each of its 16 tokens, the E
+// elements k = kc*KC + E*r + [0, E) (E = 4 int8 or 2 bf16, KC = 16 E).
+// Padding tokens are zero.
+static inline int64_t xblock(int64_t kc, int64_t part, int64_t nparts, int64_t mb, int64_t mbs) {
+  return ((kc * nparts + part) * mbs + mb) * 1024;  // bytes
 }
 
 // Per-token int8 quantization, the same arithmetic as quant_kernels.h's
@@ -120,7 +122,7 @@ static inline void scatter_rows(const void* chunk64, uint8_t* dst) {
 
 template <typename T>
 static void pack_int8(const QuantCall& c, const T* x, int8_t* xp, float* sx, int32_t* xs,
-                      int64_t kcs, int64_t ldx, int nt) {
+                      int64_t mbs, int64_t ldx, int nt) {
   const int64_t gs = c.K / c.G;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t b = 0; b < c.B; ++b) {
@@ -142,7 +144,7 @@ static void pack_int8(const QuantCall& c, const T* x, int8_t* xp, float* sx, int
       continue;
     }
     sx[b] = amax / 127.f;
-    uint8_t* base = reinterpret_cast<uint8_t*>(xblock(xp, kcs, b / 16, 0)) + (b % 16) * 4;
+    uint8_t* base = reinterpret_cast<uint8_t*>(xp) + xblock(0, 0, 1, b / 16, mbs) + (b % 16) * 4;
     const __m512 vinv = _mm512_set1_ps(inv);
     const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
     alignas(64) int8_t q[64];
@@ -158,7 +160,7 @@ static void pack_int8(const QuantCall& c, const T* x, int8_t* xp, float* sx, int
           s = _mm512_add_epi32(s, vi);
           _mm_store_si128(reinterpret_cast<__m128i*>(q + 16 * e), _mm512_cvtsepi32_epi8(vi));
         }
-        scatter_rows(q, base + (k / 64) * 1024);
+        scatter_rows(q, base + xblock(k / 64, 0, 1, 0, mbs));
       }
       xs[g * ldx + b] = _mm512_reduce_add_epi32(s);
     }
@@ -177,13 +179,13 @@ static inline __m512i bf16_rne(__m512 f) {
 }
 
 template <typename T>
-static void pack_bf16(const QuantCall& c, const T* x, uint16_t* xp, float* xsum, int64_t kcs,
-                      int64_t ldx, int64_t part_elems, int nsplit, int nt) {
+static void pack_bf16(const QuantCall& c, const T* x, uint16_t* xp, float* xsum, int64_t mbs,
+                      int64_t ldx, int nsplit, int nt) {
   const int64_t gs = c.K / c.G;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t b = 0; b < c.B; ++b) {
     const T* xr = x + b * c.K;
-    uint16_t* base = xblock(xp, kcs, b / 16, 0) + (b % 16) * 2;
+    uint8_t* base = reinterpret_cast<uint8_t*>(xp) + xblock(0, 0, nsplit, b / 16, mbs) + (b % 16) * 4;
     alignas(64) uint16_t h[32];
     for (int64_t g = 0; g < c.G; ++g) {
       __m512 s = _mm512_setzero_ps();
@@ -200,7 +202,7 @@ static void pack_bf16(const QuantCall& c, const T* x, uint16_t* xp, float* xsum,
             const __mmask16 fin = _mm512_cmp_ps_mask(_mm512_abs_ps(r[e]), _mm512_set1_ps(3.4028234663852886e38f), _CMP_LE_OQ);
             r[e] = _mm512_maskz_mov_ps(fin, rest);
           }
-          scatter_rows(h, reinterpret_cast<uint8_t*>(base + p * part_elems + (k / 32) * 512));
+          scatter_rows(h, base + xblock(k / 32, p, nsplit, 0, mbs));
         }
       }
       xsum[g * ldx + b] = _mm512_reduce_add_ps(s);
@@ -296,11 +298,11 @@ static inline void dp(int which) {
 
 // Columns [ks, ke) of a 2x2 block: A rows from a (column a_k0 first, stride lda bytes, two
 // 16-row tiles unless one_a), B from the packed x blocks mb and mb + 1
-// (one_b: only mb), for each of nparts x parts (part_bytes apart).
+// (one_b: only mb), for each of nparts x parts.
 template <int OP>
 static inline void block(const uint8_t* a, int64_t lda, int64_t a_k0, const uint8_t* xp,
-                         int64_t kcs, int64_t mb, int64_t ks, int64_t ke, int64_t kc_cols, bool one_a, bool one_b,
-                         int nparts, int64_t part_bytes) {
+                         int64_t mbs, int64_t mb, int64_t ks, int64_t ke, int64_t kc_cols, bool one_a, bool one_b,
+                         int nparts) {
   const int64_t esz = OP == kBF ? 2 : 1;
   _tile_zero(0);
   _tile_zero(1);
@@ -311,9 +313,9 @@ static inline void block(const uint8_t* a, int64_t lda, int64_t a_k0, const uint
     _tile_loadd(4, a + (k - a_k0) * esz, lda);
     if (!one_a) _tile_loadd(5, a + 16 * lda + (k - a_k0) * esz, lda);
     for (int p = 0; p < nparts; ++p) {
-      const uint8_t* xb = xp + p * part_bytes + (mb * kcs + kc) * 1024;
+      const uint8_t* xb = xp + xblock(kc, p, nparts, mb, mbs);
       _tile_loadd(6, xb, 64);
-      if (!one_b) _tile_loadd(7, xb + kcs * 1024, 64);
+      if (!one_b) _tile_loadd(7, xb + 1024, 64);
       dp<OP>(0);
       if (!one_b) dp<OP>(1);
       if (!one_a) {
@@ -395,7 +397,7 @@ static void store(const QuantCall& c, int64_t n0, int64_t rows, float* acc, int6
 // chunk's weights stream past it; the chunk's float accumulators live across
 // segments.
 template <int OP>
-static void gemm(const QuantCall& c, const uint8_t* xp, int64_t kcs, int nparts, int64_t part_bytes,
+static void gemm(const QuantCall& c, const uint8_t* xp, int nparts,
                  const float* sx, const int32_t* xs, const float* xsum) {
   const bool as_bf16 = OP == kBF;
   const int64_t kc_cols = as_bf16 ? 32 : 64, esz = as_bf16 ? 2 : 1;
@@ -412,7 +414,9 @@ static void gemm(const QuantCall& c, const uint8_t* xp, int64_t kcs, int nparts,
   per = !big_x ? 1 : (per < kChunk ? per : kChunk);
   // one panel a work item: its weights are prepared front to back once
   const bool whole = per == 1;
-  const int64_t ldbuf = (whole ? c.K : seg) * esz;
+  // one spare line a row: a power-of-two row stride would put the 16 rows of
+  // an A tile in one L1 set
+  const int64_t ldbuf = (whole ? c.K : seg) * esz + 64;
   const int64_t chunks = (panels + per - 1) / per;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
@@ -452,7 +456,7 @@ static void gemm(const QuantCall& c, const uint8_t* xp, int64_t kcs, int nparts,
           float* pacc = acc + (p - p0) * kPanel * ldacc;
           for (int64_t mb = 0; mb < mbs; mb += 2) {
             const bool one_b = mb + 1 >= mbs;
-            block<OP>(a, lda, a_k0, xp, kcs, mb, ks, ke, kc_cols, one_a, one_b, nparts, part_bytes);
+            block<OP>(a, lda, a_k0, xp, mbs, mb, ks, ke, kc_cols, one_a, one_b, nparts);
             fold<OP>(pacc, ldacc, mb * 16, scale, c.G, rows, one_a, one_b, ct);
           }
         }
@@ -480,22 +484,21 @@ static void run_typed(const QuantCall& c, const T* x) {
   float* terms = static_cast<float*>(alloc64(ldx * (c.G + 1) * 4));
   std::memset(terms, 0, static_cast<size_t>(ldx * (c.G + 1)) * 4);
   if (c.act == kActInt8) {
-    const int64_t kcs = c.K / 64;
     int8_t* xp = static_cast<int8_t*>(alloc64(ldx * c.K));
     std::memset(xp, 0, static_cast<size_t>(ldx * c.K));
     float* sx = terms;
     int32_t* xs = reinterpret_cast<int32_t*>(terms + ldx);
-    pack_int8(c, x, xp, sx, xs, kcs, ldx, nt);
-    if (c.qtype == kQInt8) gemm<kSS>(c, reinterpret_cast<uint8_t*>(xp), kcs, 1, 0, sx, xs, nullptr);
-    else gemm<kUS>(c, reinterpret_cast<uint8_t*>(xp), kcs, 1, 0, sx, xs, nullptr);
+    pack_int8(c, x, xp, sx, xs, mbs, ldx, nt);
+    if (c.qtype == kQInt8) gemm<kSS>(c, reinterpret_cast<uint8_t*>(xp), 1, sx, xs, nullptr);
+    else gemm<kUS>(c, reinterpret_cast<uint8_t*>(xp), 1, sx, xs, nullptr);
     std::free(xp);
   } else {
     const int nsplit = c.dtype == 0 ? 3 : (c.dtype == 2 ? 2 : 1);
-    const int64_t kcs = c.K / 32, part = ldx * c.K;
+    const int64_t part = ldx * c.K;
     uint16_t* xp = static_cast<uint16_t*>(alloc64(nsplit * part * 2));
     std::memset(xp, 0, static_cast<size_t>(nsplit * part * 2));
-    pack_bf16(c, x, xp, terms, kcs, ldx, part, nsplit, nt);
-    gemm<kBF>(c, reinterpret_cast<uint8_t*>(xp), kcs, nsplit, part * 2, nullptr, nullptr, terms);
+    pack_bf16(c, x, xp, terms, mbs, ldx, nsplit, nt);
+    gemm<kBF>(c, reinterpret_cast<uint8_t*>(xp), nsplit, nullptr, nullptr, terms);
     std::free(xp);
   }
   std::free(terms);

@@ -78,5 +78,7 @@ def linear(x: torch.Tensor, t: dict, bias, bits: int, act: str = "float",
 def linear_nd(x, qweight, scale, offset, bias, bits: int, act: str, backend=None):
     """x [..., K] -> [..., N]: the body of the ``pyopt::quant_linear`` op."""
     t = {"qweight": qweight, "scale": scale, "offset": offset}
+    if x.dim() == 2:
+        return linear(x, t, bias, bits, act, backend)
     out = linear(x.reshape(-1, x.shape[-1]), t, bias, bits, act, backend)
     return out.reshape(*x.shape[:-1], scale.shape[0])
