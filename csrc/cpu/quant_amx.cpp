@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <type_traits>
 
 #if defined(_OPENMP)
@@ -54,9 +55,24 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
-static void* alloc64(int64_t bytes) {
-  return std::aligned_alloc(64, static_cast<size_t>((bytes + 63) / 64 * 64 + 64));
-}
+// Scratch, 64-byte aligned; every allocation happens outside the parallel
+// regions, so a failure reaches Python as MemoryError (std::bad_alloc).
+struct Scratch {
+  void* p;
+  explicit Scratch(int64_t bytes)
+      : p(std::aligned_alloc(64, static_cast<size_t>((bytes + 63) / 64 * 64 + 64))) {
+    if (!p) throw std::bad_alloc();
+  }
+  ~Scratch() { std::free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  template <typename T>
+  T* as(int64_t byte_offset = 0) const {
+    return reinterpret_cast<T*>(static_cast<uint8_t*>(p) + byte_offset);
+  }
+};
+
+static inline int64_t round64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
 // ---------------------------------------------------------------- detection
 static const char* detect() {
@@ -418,8 +434,16 @@ static void gemm(const QuantCall& c, const uint8_t* xp, int nparts,
   // an A tile in one L1 set
   const int64_t ldbuf = (whole ? c.K : seg) * esz + 64;
   const int64_t chunks = (panels + per - 1) / per;
+  const int64_t buf_bytes = round64(kPanel * ldbuf), acc_bytes = round64(per * kPanel * ldacc * 4);
+  const int64_t thread_bytes = buf_bytes + acc_bytes + 4096;
+  Scratch scratch(nt * thread_bytes);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
+#if defined(_OPENMP)
+    const int64_t me = omp_get_thread_num();
+#else
+    const int64_t me = 0;
+#endif
     TileConfig cfg{};
     cfg.palette = 1;
     for (int t = 0; t < 8; ++t) {
@@ -427,9 +451,9 @@ static void gemm(const QuantCall& c, const uint8_t* xp, int nparts,
       cfg.colsb[t] = 64;
     }
     _tile_loadconfig(&cfg);
-    uint8_t* buf = static_cast<uint8_t*>(alloc64(kPanel * ldbuf));
-    float* acc = static_cast<float*>(alloc64(per * kPanel * ldacc * 4));
-    int32_t* ct = static_cast<int32_t*>(alloc64(4 * 1024));
+    uint8_t* buf = scratch.as<uint8_t>(me * thread_bytes);
+    float* acc = scratch.as<float>(me * thread_bytes + buf_bytes);
+    int32_t* ct = scratch.as<int32_t>(me * thread_bytes + buf_bytes + acc_bytes);
 #pragma omp for schedule(static)
     for (int64_t ch = 0; ch < chunks; ++ch) {
       const int64_t p0 = ch * per, p1 = p0 + per < panels ? p0 + per : panels;
@@ -469,9 +493,6 @@ static void gemm(const QuantCall& c, const uint8_t* xp, int nparts,
         else store<f16>(c, n0, rows, pacc, ldacc, sx, xs, xsum);
       }
     }
-    std::free(buf);
-    std::free(acc);
-    std::free(ct);
     _tile_release();
   }
 }
@@ -481,27 +502,23 @@ static void run_typed(const QuantCall& c, const T* x) {
   const int64_t mbs = (c.B + 15) / 16, ldx = mbs * 16;
   const int nt = c.nthreads < c.B ? c.nthreads : static_cast<int>(c.B);
   // the per-token terms are zero for padding tokens, so their lanes stay finite
-  float* terms = static_cast<float*>(alloc64(ldx * (c.G + 1) * 4));
-  std::memset(terms, 0, static_cast<size_t>(ldx * (c.G + 1)) * 4);
+  Scratch terms(ldx * (c.G + 1) * 4);
+  std::memset(terms.p, 0, static_cast<size_t>(ldx * (c.G + 1)) * 4);
   if (c.act == kActInt8) {
-    int8_t* xp = static_cast<int8_t*>(alloc64(ldx * c.K));
-    std::memset(xp, 0, static_cast<size_t>(ldx * c.K));
-    float* sx = terms;
-    int32_t* xs = reinterpret_cast<int32_t*>(terms + ldx);
-    pack_int8(c, x, xp, sx, xs, mbs, ldx, nt);
-    if (c.qtype == kQInt8) gemm<kSS>(c, reinterpret_cast<uint8_t*>(xp), 1, sx, xs, nullptr);
-    else gemm<kUS>(c, reinterpret_cast<uint8_t*>(xp), 1, sx, xs, nullptr);
-    std::free(xp);
+    Scratch xp(ldx * c.K);
+    std::memset(xp.p, 0, static_cast<size_t>(ldx * c.K));
+    float* sx = terms.as<float>();
+    int32_t* xs = terms.as<int32_t>(ldx * 4);
+    pack_int8(c, x, xp.as<int8_t>(), sx, xs, mbs, ldx, nt);
+    if (c.qtype == kQInt8) gemm<kSS>(c, xp.as<uint8_t>(), 1, sx, xs, nullptr);
+    else gemm<kUS>(c, xp.as<uint8_t>(), 1, sx, xs, nullptr);
   } else {
     const int nsplit = c.dtype == 0 ? 3 : (c.dtype == 2 ? 2 : 1);
-    const int64_t part = ldx * c.K;
-    uint16_t* xp = static_cast<uint16_t*>(alloc64(nsplit * part * 2));
-    std::memset(xp, 0, static_cast<size_t>(nsplit * part * 2));
-    pack_bf16(c, x, xp, terms, mbs, ldx, nsplit, nt);
-    gemm<kBF>(c, reinterpret_cast<uint8_t*>(xp), nsplit, nullptr, nullptr, terms);
-    std::free(xp);
+    Scratch xp(nsplit * ldx * c.K * 2);
+    std::memset(xp.p, 0, static_cast<size_t>(nsplit * ldx * c.K * 2));
+    pack_bf16(c, x, xp.as<uint16_t>(), terms.as<float>(), mbs, ldx, nsplit, nt);
+    gemm<kBF>(c, xp.as<uint8_t>(), nsplit, nullptr, nullptr, terms.as<float>());
   }
-  std::free(terms);
 }
 
 }  // namespace amx
