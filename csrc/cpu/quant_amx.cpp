@@ -43,6 +43,8 @@
 namespace pyopt {
 namespace amx {
 
+#include "cpu/quant_x512.h"
+
 constexpr int64_t kMinBatch = 16;  // below this the per-ISA gemv/int kernels win (measured)
 constexpr int64_t kPanel = 32;     // weight rows per work item: two A tiles
 constexpr int64_t kSeg = 1024;     // columns per fold when there is one group per row
@@ -114,9 +116,8 @@ static inline int64_t xblock(int64_t kc, int64_t part, int64_t nparts, int64_t m
   return ((kc * nparts + part) * mbs + mb) * 1024;  // bytes
 }
 
-// Per-token int8 quantization, the same arithmetic as quant_kernels.h's
-// quantize_rows (so every backend quantizes x bitwise alike), written packed:
-// 64 codes of a chunk are 16 groups of 4, one to each row of the block.
+// Per-token int8 quantization (quant_x512.h, as on every backend), written
+// packed: 64 codes of a chunk are 16 groups of 4, one to each row of the block.
 template <typename T>
 static inline __m512 load16(const T* p) {
   if constexpr (sizeof(T) == 4) {
@@ -139,46 +140,29 @@ static inline void scatter_rows(const void* chunk64, uint8_t* dst) {
 template <typename T>
 static void pack_int8(const QuantCall& c, const T* x, int8_t* xp, float* sx, int32_t* xs,
                       int64_t mbs, int64_t ldx, int nt) {
-  const int64_t gs = c.K / c.G;
+  const int64_t gs = c.K / c.G, row_bytes = round64(c.K * 4) + round64(c.K);
+  Scratch rows(nt * row_bytes);  // per thread: the row as float, then its codes
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t b = 0; b < c.B; ++b) {
+#if defined(_OPENMP)
+    const int64_t me = omp_get_thread_num();
+#else
+    const int64_t me = 0;
+#endif
+    float* xf = rows.as<float>(me * row_bytes);
+    int8_t* q = rows.as<int8_t>(me * row_bytes + round64(c.K * 4));
     const T* xr = x + b * c.K;
-    __m512 vmax = _mm512_setzero_ps();
-    __mmask16 bad = 0;
-    const __m512 fmax = _mm512_set1_ps(3.4028234663852886e38f);
-    for (int64_t k = 0; k < c.K; k += 16) {
-      const __m512 a = _mm512_abs_ps(load16(xr + k));
-      bad |= _mm512_cmp_ps_mask(a, fmax, _CMP_NLE_UQ);  // NaN or inf
-      vmax = _mm512_max_ps(vmax, a);
-    }
-    const bool finite = bad == 0;
-    const float amax = _mm512_reduce_max_ps(vmax);
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    if (!finite) {  // a NaN row out, as quantize_rows: codes stay the zeros of xp
-      sx[b] = std::nanf("");
-      for (int64_t g = 0; g < c.G; ++g) xs[g * ldx + b] = 0;
-      continue;
-    }
-    sx[b] = amax / 127.f;
+    for (int64_t k = 0; k < c.K; k += 16) _mm512_storeu_ps(xf + k, load16(xr + k));
+    sx[b] = quantize_row512(xf, c.K, q);
     uint8_t* base = reinterpret_cast<uint8_t*>(xp) + xblock(0, 0, 1, b / 16, mbs) + (b % 16) * 4;
-    const __m512 vinv = _mm512_set1_ps(inv);
-    const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
-    alignas(64) int8_t q[64];
     for (int64_t g = 0; g < c.G; ++g) {
       __m512i s = _mm512_setzero_si512();
       for (int64_t k = g * gs; k < (g + 1) * gs; k += 64) {
-        for (int e = 0; e < 4; ++e) {
-          // round to nearest even, as nearbyint in the default mode
-          const __m512 v = _mm512_min_ps(_mm512_max_ps(
-              _mm512_roundscale_ps(_mm512_mul_ps(load16(xr + k + 16 * e), vinv),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
-          const __m512i vi = _mm512_cvtps_epi32(v);
-          s = _mm512_add_epi32(s, vi);
-          _mm_store_si128(reinterpret_cast<__m128i*>(q + 16 * e), _mm512_cvtsepi32_epi8(vi));
-        }
-        scatter_rows(q, base + xblock(k / 64, 0, 1, 0, mbs));
+        const __m512i v = _mm512_loadu_si512(q + k);
+        s = _mm512_add_epi32(s, _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), v));
+        scatter_rows(q + k, base + xblock(k / 64, 0, 1, 0, mbs));
       }
-      xs[g * ldx + b] = _mm512_reduce_add_epi32(s);
+      xs[g * ldx + b] = _mm512_reduce_add_epi32(s);  // zero for a NaN row (its codes are zero)
     }
   }
 }

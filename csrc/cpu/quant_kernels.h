@@ -734,9 +734,7 @@ static void int_gemm(const QuantCall& c, const Q* qx, const float* sx, const int
 // with vpdpbusd. Rows past N in a register tile repeat row N - 1 (valid
 // memory; their results are dropped), so each tile shape is one instantiation.
 #if defined(PYOPT_QF512)
-static inline __mmask16 lanes16(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n > 0 ? n : 0)) - 1u);
-}
+#include "cpu/quant_x512.h"
 
 // Float activations, R batch rows x C weight rows, in gdot's centred
 // factored form: W = (q - z) s + o' with o' = o + z s, so a group adds
@@ -1178,31 +1176,11 @@ static void int_gemm512(const QuantCall& c, const float* xf) {
     for (int64_t b = 0; b < B; ++b) {
       const float* xr = xf + b * K;
       int8_t* q = qa + b * Kp;
-      // amax, and whether the row is finite (formats.quantize_per_token)
-      __m512 mx = _mm512_setzero_ps();
-      __mmask16 bad = 0;
-      const __m512 big = _mm512_set1_ps(3.4028234663852886e38f);
-      for (int64_t k = 0; k < K; k += 16) {
-        const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes16(K - k), xr + k));
-        bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ);  // NaN or inf
-        mx = _mm512_max_ps(mx, a);
-      }
       std::memset(q, 0, static_cast<size_t>(Kp));
-      if (bad) {
-        sx[b] = std::nanf("");
+      sx[b] = quantize_row512(xr, K, q);
+      if (std::isnan(sx[b])) {
         for (int64_t g = 0; g < G; ++g) xs[b * G + g] = 0;
       } else {
-        const float amax = _mm512_reduce_max_ps(mx);
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        sx[b] = amax / 127.f;
-        const __m512 vi = _mm512_set1_ps(inv), hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
-        for (int64_t k = 0; k < K; k += 16) {
-          const __mmask16 m = lanes16(K - k);
-          __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + k), vi),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-          _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
-        }
         for (int64_t g = 0; g < G; ++g) {
           int32_t s = 0;
           for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += q[k];
