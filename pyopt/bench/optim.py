@@ -238,9 +238,7 @@ def run(device="cpu", quick=False, min_time=None, progress=None, only=None, case
         for name, rec in recs.items():
             t = timings[name]
             gbps = rec["bytes_per_step"] / t.median / 1e9
-            rec.update(status="ok", median_ms=t.median * 1e3, q1_ms=t.q1 * 1e3, q3_ms=t.q3 * 1e3,
-                       iqr_ms=t.iqr * 1e3, reps=t.reps,
-                       gbps=gbps, rmw_gbps=rmw, of_rmw=gbps / rmw,
+            rec.update(status="ok", **t.fields(), gbps=gbps, rmw_gbps=rmw, of_rmw=gbps / rmw,
                        speedup=base.median / t.median if base else None)
         del p0, grads, expect, steps, recs
         gc.collect()

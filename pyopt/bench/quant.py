@@ -378,8 +378,6 @@ def _run_case(case, layer, device, only, extra_impls, min_time, sync, a, b, c) -
     for name, rec in recs.items():
         tm = t[name]
         gbps = rec["bytes_per_step"] / tm.median / 1e9
-        rec.update(status="ok", median_ms=tm.median * 1e3, q1_ms=tm.q1 * 1e3,
-                   q3_ms=tm.q3 * 1e3, iqr_ms=tm.iqr * 1e3, reps=tm.reps, gbps=gbps,
-                   rmw_gbps=rmw, of_rmw=gbps / rmw, copy_gbps=copy, of_copy=gbps / copy,
-                   speedup=base / tm.median)
+        rec.update(status="ok", **tm.fields(), gbps=gbps, rmw_gbps=rmw, of_rmw=gbps / rmw,
+                   copy_gbps=copy, of_copy=gbps / copy, speedup=base / tm.median)
     return records

@@ -26,6 +26,11 @@ class Timing:
     def iqr(self) -> float:
         return self.q3 - self.q1
 
+    def fields(self) -> dict:
+        """The record fields every suite reports (results.json schema)."""
+        return dict(median_ms=self.median * 1e3, q1_ms=self.q1 * 1e3, q3_ms=self.q3 * 1e3,
+                    iqr_ms=self.iqr * 1e3, reps=self.reps)
+
 
 def measure(fn, *, min_time=0.5, min_reps=5, max_reps=10_000, warmup=1, sync=None) -> Timing:
     """Time ``fn()``; ``sync`` (e.g. torch.cuda.synchronize) runs after each call."""
