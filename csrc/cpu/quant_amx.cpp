@@ -149,10 +149,15 @@ static void pack_int8(const QuantCall& c, const T* x, int8_t* xp, float* sx, int
 #else
     const int64_t me = 0;
 #endif
-    float* xf = rows.as<float>(me * row_bytes);
+    float* xf_buf = rows.as<float>(me * row_bytes);
+    const float* xf = xf_buf;
     int8_t* q = rows.as<int8_t>(me * row_bytes + round64(c.K * 4));
     const T* xr = x + b * c.K;
-    for (int64_t k = 0; k < c.K; k += 16) _mm512_storeu_ps(xf + k, load16(xr + k));
+    if constexpr (std::is_same_v<T, float>) {
+      xf = xr;  // fp32 rows are read in place
+    } else {
+      for (int64_t k = 0; k < c.K; k += 16) _mm512_storeu_ps(xf_buf + k, load16(xr + k));
+    }
     sx[b] = quantize_row512(xf, c.K, q);
     uint8_t* base = reinterpret_cast<uint8_t*>(xp) + xblock(0, 0, 1, b / 16, mbs) + (b % 16) * 4;
     for (int64_t g = 0; g < c.G; ++g) {
