@@ -27,10 +27,15 @@ SCHEMES = {
     "w4-sym-group128": (4, "symmetric", "group", 128),
     "w4-asym-group32": (4, "asymmetric", "group", 32),
     "w4-asym-channel": (4, "asymmetric", "channel", None),
+    "w4-sym-group64": (4, "symmetric", "group", 64),
+    "w4-asym-group256": (4, "asymmetric", "group", 256),
 }
 # (N, K, B): odd N, K off the vector width, a partial 4-bit block (96, 160),
-# batch on both sides of the gemv/panel switch and of the register tiles
-SHAPES = [(1, 64, 1), (7, 96, 3), (33, 160, 5), (5, 130, 2), (40, 256, 17), (70, 640, 33)]
+# batch on both sides of the gemv/panel switch and of the register tiles.
+# K % 128 == 0 with B <= 4 is the 4-bit chunk gemv (q4dot512), for each of its
+# scale schemes; 8192 at B=1 and 2048 at B=4 split K into several column passes.
+SHAPES = [(1, 64, 1), (7, 96, 3), (33, 160, 5), (5, 130, 2), (40, 256, 17), (70, 640, 33),
+          (19, 256, 1), (21, 384, 2), (18, 512, 4), (9, 1024, 3), (3, 8192, 1), (5, 2048, 4)]
 # every shape the scheme can hold (groups divide K)
 CASES = [pytest.param(n, k, b, sch, id=f"{n}x{k}-b{b}-{sch}") for n, k, b in SHAPES
          for sch, (_, _, gran, gs) in SCHEMES.items() if gran != "group" or k % gs == 0]
@@ -148,8 +153,8 @@ def test_kernel_meets_the_accuracy_rule(n, k, b, scheme, dtype, act, backend):
 @pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEMES)
 def test_backends_agree(scheme, act):
     g = torch.Generator().manual_seed(7)
-    bits, t = _layout(24, 384, scheme, g)
-    x = torch.randn(9, 384, generator=g)
+    bits, t = _layout(24, 512, scheme, g)
+    x = torch.randn(9, 512, generator=g)
     outs = [_kernels.linear(x, t, None, bits, act, be) for be in cpu_backends()]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-4)

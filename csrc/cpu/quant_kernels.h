@@ -4,7 +4,9 @@
 // 256-bit code below; the avx512 variant (built with AVX512_VNNI) replaces the
 // float gemv and the whole integer path with the 512-bit code near the end of
 // this file ("512-bit small-batch paths") and runs the 256-bit float panel
-// for larger float batches.
+// for larger float batches. In the avx512 variant, 4-bit rows with K % 128 ==
+// 0 at batch 1-4 take the chunk gemv (q4dot512), which reads the nibbles of a
+// 64-byte load in place against x permuted to their order.
 //
 // Paths:
 //  * float activations (weight-only), batch <= kGemvBatch: one pass over the
@@ -942,6 +944,145 @@ static inline void gdot512(const QuantCall& c, const float* const* x, const int6
   }
 }
 
+// 4-bit rows in whole 128-element chunks (K % 128 == 0), the small-batch
+// hot path: one 64-byte load holds two blocks, and dword lane i holds bytes
+// 4i..4i+3. Nibble n of every lane (bits 4n..4n+3) comes to the low bits with
+// one shift, and vpermps (which reads only the low 4 index bits) turns the 16
+// nibbles into floats: a shift and a permute per 16 weights, where widening
+// 16 bytes first costs one more port-5 op, and port 5 bounds this loop. The
+// element under nibble n of lane i is q4_elem(i, n); x is permuted to match
+// once per call (q4_permute_x), so the dot itself needs no shuffles.
+// Scales, by the template parameter S:
+//  * kQ4Table (per-channel scales, or groups of 128 and more with R > 2):
+//    the 16-entry table is (q - 8) * s, the weight rounded once as
+//    dequantization does (like gdot512), built once per group.
+//  * kQ4Fold128 (groups of 128 and more, R <= 2): the table is q - 8 for
+//    every row, and each chunk's sums are folded in as s * sum((q - 8) x), so
+//    no per-row table sits in front of the permutes (about 10% faster at
+//    batch 1; with more batch rows the extra sums no longer fit the registers).
+//  * kQ4Fold64 / kQ4Fold32: a chunk spans 2 or 4 groups. Lanes 0-7 are block
+//    0 and lanes 8-15 block 1, even nibbles a block's low half and odd ones
+//    its high half, so the fold takes a per-lane scale vector.
+enum { kQ4Table, kQ4Fold128, kQ4Fold64, kQ4Fold32 };
+
+static inline int64_t q4_elem(int i, int n) { return (i / 8) * 64 + (n % 2) * 32 + 4 * (i % 8) + n / 2; }
+
+static void q4_permute_x(const float* xf, int64_t B, int64_t K, float* xp) {
+  int32_t idx[128];
+  for (int n = 0; n < 8; ++n)
+    for (int i = 0; i < 16; ++i) idx[n * 16 + i] = static_cast<int32_t>(q4_elem(i, n));
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t k = 0; k < K; k += 128) {
+      const float* src = xf + r * K + k;
+      float* dst = xp + r * K + k;
+      for (int v = 0; v < 8; ++v)
+        _mm512_storeu_ps(dst + 16 * v, _mm512_i32gather_ps(_mm512_loadu_si512(idx + 16 * v), src, 4));
+    }
+}
+
+// -1: gdot512 instead, where it measured faster: more than 4 batch rows
+// (x no longer fits the registers beside the sums), and groups of 32 or 64
+// with more than 2 rows (the fold's extra sums leave room for one weight row
+// per step).
+static int q4_scheme(int64_t B, int64_t G, int64_t gs) {
+  if (B > 4) return -1;
+  if (G == 1) return kQ4Table;
+  if (gs >= 128) return B == 1 ? kQ4Fold128 : kQ4Table;
+  if (B > 2) return -1;
+  return gs == 64 ? kQ4Fold64 : kQ4Fold32;
+}
+
+// weight rows per step: the sums (and a fold's per-chunk sums) fit the 32 zmm registers
+constexpr int q4_cols(int R, int S) {
+  if (S == kQ4Fold32) return R == 1 ? 4 : (R == 2 ? 2 : 1);
+  return R <= (S == kQ4Table ? 4 : 2) ? 4 : 2;
+}
+
+template <int S, int R, int C>
+static inline void q4dot512(const QuantCall& c, const float* const* xp, const int64_t* rows,
+                            const int64_t* pf, int64_t kb0, int64_t kb1, __m512* st) {
+  constexpr bool kFold = S != kQ4Table;
+  // sum sets: even / odd nibbles, for their different groups (Fold32) or
+  // for two dependency chains over the whole row (Table, R <= 2); a fold's
+  // per-chunk sums are short chains, and one set saves a fold FMA
+  constexpr int A = (S == kQ4Fold32 || (S == kQ4Table && R <= 2)) ? 2 : 1;
+  const int64_t G = c.G, gs = c.K / G;
+  const uint8_t* w[C];
+  const uint8_t* wn[C];
+  const float* sc[C];
+  for (int j = 0; j < C; ++j) {
+    w[j] = static_cast<const uint8_t*>(c.qw) + rows[j] * (c.K / 2);
+    wn[j] = static_cast<const uint8_t*>(c.qw) + pf[j] * (c.K / 2);
+    sc[j] = c.scale + rows[j] * G;
+  }
+  const __m512 tab = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  __m512 acc[R][C][A];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j)
+      for (int a = 0; a < A; ++a) acc[r][j][a] = _mm512_setzero_ps();
+  __m512 tb[C];
+  // the group at column k, tracked without a division per chunk: groups of
+  // 128 and more change at gend, smaller ones advance 128 / gs per chunk
+  int64_t g = kb0 / gs, gend = kb0;
+  if (S == kQ4Table || S == kQ4Fold128) --g;
+  for (int64_t k = kb0; k < kb1; k += 128) {
+    if ((S == kQ4Table || S == kQ4Fold128) && k >= gend) {
+      ++g;
+      gend += gs;
+      if (S == kQ4Table)
+        for (int j = 0; j < C; ++j) tb[j] = _mm512_mul_ps(tab, _mm512_set1_ps(sc[j][g]));
+    }
+    __m512i raw[C];
+    for (int j = 0; j < C; ++j) {
+      raw[j] = _mm512_loadu_si512(w[j] + k / 2);
+      _mm_prefetch(reinterpret_cast<const char*>(wn[j] + k / 2), _MM_HINT_T0);
+    }
+    __m512 part[R][C][A];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < C; ++j)
+        for (int a = 0; a < A; ++a) part[r][j][a] = _mm512_setzero_ps();
+    // unrolled so the shift counts are immediates and the sums stay in registers
+#pragma GCC unroll 8
+    for (int n = 0; n < 8; ++n) {
+      __m512 xv[R];
+      for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_ps(xp[r] + k + 16 * n);
+      for (int j = 0; j < C; ++j) {
+        const __m512i id = n ? _mm512_srli_epi32(raw[j], 4 * n) : raw[j];
+        const __m512 wv = _mm512_permutexvar_ps(id, kFold ? tab : tb[j]);
+        for (int r = 0; r < R; ++r) {
+          __m512& s = kFold ? part[r][j][n % A] : acc[r][j][n % A];
+          s = _mm512_fmadd_ps(xv[r], wv, s);
+        }
+      }
+    }
+    if constexpr (kFold) {
+      for (int j = 0; j < C; ++j) {
+        __m512 se, so;
+        if constexpr (S == kQ4Fold128) {
+          se = so = _mm512_set1_ps(sc[j][g]);
+        } else if constexpr (S == kQ4Fold64) {
+          se = so = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sc[j][g]), _mm512_set1_ps(sc[j][g + 1]));
+        } else {
+          se = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sc[j][g]), _mm512_set1_ps(sc[j][g + 2]));
+          so = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sc[j][g + 1]), _mm512_set1_ps(sc[j][g + 3]));
+        }
+        for (int r = 0; r < R; ++r) {
+          acc[r][j][0] = _mm512_fmadd_ps(part[r][j][0], se, acc[r][j][0]);
+          if constexpr (A == 2) acc[r][j][A - 1] = _mm512_fmadd_ps(part[r][j][A - 1], so, acc[r][j][A - 1]);
+        }
+      }
+      if (S == kQ4Fold64) g += 2;
+      if (S == kQ4Fold32) g += 4;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < C; ++j) {
+      __m512 s = acc[r][j][0];
+      for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[r][j][a]);
+      st[r * C + j] = _mm512_add_ps(st[r * C + j], s);
+    }
+}
+
 // weight rows per step for R batch rows: the accumulators fit the 32 zmm registers
 constexpr int gemv512_cols(int R) { return R <= 4 ? 4 : 2; }
 constexpr int64_t kGemvXBytes = 24 << 10;  // x columns per pass stay in L1
@@ -964,19 +1105,28 @@ static void float_gemv512(const QuantCall& c, const float* xf) {
         xsum[b * G + g] = _mm512_reduce_add_ps(s);
       }
   }
+  // 4-bit rows in whole chunks take q4dot512 (mode 1 + its scale scheme) on x permuted to its order
+  float* xp = nullptr;
+  int mode = 0;
+  if (QT == kQUInt4 && K % 128 == 0 && q4_scheme(c.B, G, gs) >= 0 &&
+      (xp = static_cast<float*>(qalloc(c.B * K * 4)))) {
+    q4_permute_x(xf, c.B, K, xp);
+    mode = 1 + q4_scheme(c.B, G, gs);
+  }
   // column passes: whole groups (both halves of every 4-bit block in one
-  // pass), about kGemvXBytes of x each
-  const int64_t unit = G == 1 ? 64 : (gs % 64 == 0 ? gs : 2 * gs);
+  // pass; whole chunks in modes 1 and 2), about kGemvXBytes of x each
+  const int64_t unit = mode ? (gs > 128 ? gs : 128) : (G == 1 ? 64 : (gs % 64 == 0 ? gs : 2 * gs));
   int64_t kb = kGemvXBytes / (4 * c.B) / unit * unit;
   kb = kb < unit ? unit : kb;
   const int R = static_cast<int>(c.B);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t nbeg = t * kGemvRows, nend = (t + 1) * kGemvRows < c.N ? (t + 1) * kGemvRows : c.N;
-    const float* x[8];
-    for (int r = 0; r < R; ++r) x[r] = xf + r * K;
-    auto run_tile = [&](auto rc) {
-      constexpr int RR = decltype(rc)::value, CC = gemv512_cols(RR);
+    auto run_tile = [&](auto rc, auto md) {
+      constexpr int RR = decltype(rc)::value, MD = decltype(md)::value;
+      const float* x[8];
+      for (int r = 0; r < R; ++r) x[r] = (MD ? xp : xf) + r * K;
+      constexpr int CC = MD ? q4_cols(RR, MD - 1) : gemv512_cols(RR);
       constexpr int kSteps = (kGemvRows + CC - 1) / CC;
       __m512 st[kSteps * RR * CC];
       for (int i = 0; i < kSteps * RR * CC; ++i) st[i] = _mm512_setzero_ps();
@@ -989,7 +1139,8 @@ static void float_gemv512(const QuantCall& c, const float* xf) {
             rows[j] = n0 + (j < cnt ? j : cnt - 1);
             pf[j] = rows[j] + CC < c.N ? rows[j] + CC : c.N - 1;
           }
-          gdot512<QT, OFF, RR, CC>(c, x, rows, pf, k0, k1, st + i * RR * CC);
+          if constexpr (MD == 0) gdot512<QT, OFF, RR, CC>(c, x, rows, pf, k0, k1, st + i * RR * CC);
+          else q4dot512<MD - 1, RR, CC>(c, x, rows, pf, k0, k1, st + i * RR * CC);
         }
       }
       for (int64_t n0 = nbeg, i = 0; n0 < nend; n0 += CC, ++i) {
@@ -1011,18 +1162,32 @@ static void float_gemv512(const QuantCall& c, const float* xf) {
         }
       }
     };
+    auto by_mode = [&](auto rc) {
+      constexpr int RV = decltype(rc)::value;
+      if constexpr (QT == kQUInt4 && RV <= 4) {
+        if (mode == 1 + kQ4Table) return run_tile(rc, std::integral_constant<int, 1 + kQ4Table>{});
+        if constexpr (RV == 1)
+          if (mode == 1 + kQ4Fold128) return run_tile(rc, std::integral_constant<int, 1 + kQ4Fold128>{});
+        if constexpr (RV <= 2) {
+          if (mode == 1 + kQ4Fold64) return run_tile(rc, std::integral_constant<int, 1 + kQ4Fold64>{});
+          if (mode == 1 + kQ4Fold32) return run_tile(rc, std::integral_constant<int, 1 + kQ4Fold32>{});
+        }
+      }
+      run_tile(rc, std::integral_constant<int, 0>{});
+    };
     switch (R) {
-      case 1: run_tile(std::integral_constant<int, 1>{}); break;
-      case 2: run_tile(std::integral_constant<int, 2>{}); break;
-      case 3: run_tile(std::integral_constant<int, 3>{}); break;
-      case 4: run_tile(std::integral_constant<int, 4>{}); break;
-      case 5: run_tile(std::integral_constant<int, 5>{}); break;
-      case 6: run_tile(std::integral_constant<int, 6>{}); break;
-      case 7: run_tile(std::integral_constant<int, 7>{}); break;
-      default: run_tile(std::integral_constant<int, 8>{}); break;
+      case 1: by_mode(std::integral_constant<int, 1>{}); break;
+      case 2: by_mode(std::integral_constant<int, 2>{}); break;
+      case 3: by_mode(std::integral_constant<int, 3>{}); break;
+      case 4: by_mode(std::integral_constant<int, 4>{}); break;
+      case 5: by_mode(std::integral_constant<int, 5>{}); break;
+      case 6: by_mode(std::integral_constant<int, 6>{}); break;
+      case 7: by_mode(std::integral_constant<int, 7>{}); break;
+      default: by_mode(std::integral_constant<int, 8>{}); break;
     }
   }
   std::free(xsum);
+  std::free(xp);
 }
 #endif  // PYOPT_QF512
 
