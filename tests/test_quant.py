@@ -149,6 +149,25 @@ def test_kernel_meets_the_accuracy_rule(n, k, b, scheme, dtype, act, backend):
     assert err <= 2 * torch_err + floor, f"err {err} torch {torch_err}"
 
 
+@pytest.mark.parametrize("b", [1, 2, 4])
+@pytest.mark.parametrize("k,groups", [(384, 4), (384, 2), (384, 3), (640, 2), (640, 5), (1920, 6)])
+def test_native_4bit_any_multiple_of_32_group(k, groups, b):
+    """The native op takes any group size that is a multiple of 32 dividing K
+    (QuantLinear only makes 32-256): groups of 96, 160, 192, 320 must not take
+    the chunk gemv, which needs groups of 32, 64 or a multiple of 128."""
+    g = torch.Generator().manual_seed(k + groups + b)
+    n = 19
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    t = {"qweight": formats.pack_int4(q), "scale": torch.rand(n, groups, generator=g) + 0.1,
+         "offset": torch.randn(n, groups, generator=g)}
+    x = torch.randn(b, k, generator=g)
+    got = _kernels.linear(x, t, None, 4, "float", "native")
+    w = formats.dequantize(t, 4, k).double()
+    truth = x.double() @ w.t()
+    floor = torch.finfo(torch.float32).eps * (x.double().abs() @ w.abs().t()).max().item()
+    assert (got.double() - truth).abs().max().item() <= 8 * floor
+
+
 @pytest.mark.parametrize("act", ["float", "int8"])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEMES)
 def test_backends_agree(scheme, act):

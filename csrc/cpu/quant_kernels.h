@@ -984,8 +984,10 @@ static void q4_permute_x(const float* xf, int64_t B, int64_t K, float* xp) {
 // (x no longer fits the registers beside the sums), and groups of 32 or 64
 // with more than 2 rows (the fold's extra sums leave room for one weight row
 // per step).
+// Chunks need group boundaries on chunk (or half-block) boundaries: groups of
+// 32, 64 or multiples of 128 (the native op accepts any multiple of 32).
 static int q4_scheme(int64_t B, int64_t G, int64_t gs) {
-  if (B > 4) return -1;
+  if (B > 4 || !(G == 1 || gs % 128 == 0 || gs == 32 || gs == 64)) return -1;
   if (G == 1) return kQ4Table;
   if (gs >= 128) return B == 1 ? kQ4Fold128 : kQ4Table;
   if (B > 2) return -1;
@@ -1114,8 +1116,8 @@ static void float_gemv512(const QuantCall& c, const float* xf) {
     mode = 1 + q4_scheme(c.B, G, gs);
   }
   // column passes: whole groups (both halves of every 4-bit block in one
-  // pass; whole chunks in modes 1 and 2), about kGemvXBytes of x each
-  const int64_t unit = mode ? (gs > 128 ? gs : 128) : (G == 1 ? 64 : (gs % 64 == 0 ? gs : 2 * gs));
+  // pass; whole chunks and groups with the chunk gemv), about kGemvXBytes of x each
+  const int64_t unit = mode ? (G > 1 && gs > 128 ? gs : 128) : (G == 1 ? 64 : (gs % 64 == 0 ? gs : 2 * gs));
   int64_t kb = kGemvXBytes / (4 * c.B) / unit * unit;
   kb = kb < unit ? unit : kb;
   const int R = static_cast<int>(c.B);
