@@ -368,10 +368,19 @@ static inline void gdot(const QuantCall& c, const float* const* x, const float* 
     (void)kv;
     (void)base;
 #endif
+    // 8 interleaved partial sums, as the vector path has: in the baseline
+    // variant this loop is the whole group, and one running sum over K
+    // terms rounds several times worse than F.linear's blocked sums
+    float lane[R][C][8] = {};
     for (; k < ke; ++k)
       for (int j = 0; j < C; ++j) {
         const float q = static_cast<float>(q_at(c, n0 + j, k) - Z);
-        for (int r = 0; r < R; ++r) tail[r][j] += q * x[r][k];
+        for (int r = 0; r < R; ++r) lane[r][j][k & 7] += q * x[r][k];
+      }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < C; ++j) {
+        const float* l = lane[r][j];
+        tail[r][j] = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
       }
     for (int j = 0; j < C; ++j) {
       const float o = (OFF ? c.offset[(n0 + j) * c.G + g] : 0.f) + static_cast<float>(Z) * sc[j];
