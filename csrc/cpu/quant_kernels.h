@@ -313,7 +313,7 @@ static inline void gdot(const QuantCall& c, const float* const* x, const float* 
   for (int64_t g = 0; g < c.G; ++g) {
     const int64_t ks = g * gs, ke = ks + gs;
     int64_t k = ks;
-    float sc[C], tail[R][C] = {};
+    float sc[C], tail[R][C];
     for (int j = 0; j < C; ++j) sc[j] = c.scale[(n0 + j) * c.G + g];
 #if defined(__AVX2__)
     __m256 ag[R][C];
@@ -989,14 +989,15 @@ static void q4_permute_x(const float* xf, int64_t B, int64_t K, float* xp) {
     }
 }
 
-// -1: gdot512 instead, where it measured faster: more than 4 batch rows
-// (x no longer fits the registers beside the sums), and groups of 32 or 64
-// with more than 2 rows (the fold's extra sums leave room for one weight row
-// per step).
-// Chunks need group boundaries on chunk (or half-block) boundaries: groups of
-// 32, 64 or multiples of 128 (the native op accepts any multiple of 32).
-static int q4_scheme(int64_t B, int64_t G, int64_t gs) {
-  if (B > 4 || !(G == 1 || gs % 128 == 0 || gs == 32 || gs == 64)) return -1;
+// The scale scheme for a call, or -1 for gdot512: group boundaries must fall
+// on chunk (or half-block) boundaries, so groups of 32, 64 or multiples of 128
+// (the native op accepts any multiple of 32); and gdot512 measured faster
+// above 4 batch rows (x no longer fits the registers beside the sums) and for
+// groups of 32 or 64 above 2 rows (the fold's extra sums leave room for one
+// weight row per step). float_gemv512's dispatch instantiates exactly these.
+static int q4_scheme(int64_t B, int64_t K, int64_t G) {
+  const int64_t gs = K / G;
+  if (K % 128 || B > 4 || !(G == 1 || gs % 128 == 0 || gs == 32 || gs == 64)) return -1;
   if (G == 1) return kQ4Table;
   if (gs >= 128) return B == 1 ? kQ4Fold128 : kQ4Table;
   if (B > 2) return -1;
@@ -1116,28 +1117,26 @@ static void float_gemv512(const QuantCall& c, const float* xf) {
         xsum[b * G + g] = _mm512_reduce_add_ps(s);
       }
   }
-  // 4-bit rows in whole chunks take q4dot512 (mode 1 + its scale scheme) on x permuted to its order
-  float* xp = nullptr;
-  int mode = 0;
-  if (QT == kQUInt4 && K % 128 == 0 && q4_scheme(c.B, G, gs) >= 0 &&
-      (xp = static_cast<float*>(qalloc(c.B * K * 4)))) {
-    q4_permute_x(xf, c.B, K, xp);
-    mode = 1 + q4_scheme(c.B, G, gs);
-  }
+  // 4-bit rows in whole chunks take q4dot512 with scale scheme `scheme` on x
+  // permuted to its order; -1 (also when xp cannot be allocated): gdot512 on xf
+  int scheme = QT == kQUInt4 ? q4_scheme(c.B, K, G) : -1;
+  float* xp = scheme >= 0 ? static_cast<float*>(qalloc(c.B * K * 4)) : nullptr;
+  if (xp) q4_permute_x(xf, c.B, K, xp);
+  else scheme = -1;
   // column passes: whole groups (both halves of every 4-bit block in one
   // pass; whole chunks and groups with the chunk gemv), about kGemvXBytes of x each
-  const int64_t unit = mode ? (G > 1 && gs > 128 ? gs : 128) : (G == 1 ? 64 : (gs % 64 == 0 ? gs : 2 * gs));
+  const int64_t unit = scheme >= 0 ? (G > 1 && gs > 128 ? gs : 128) : (G == 1 ? 64 : (gs % 64 == 0 ? gs : 2 * gs));
   int64_t kb = kGemvXBytes / (4 * c.B) / unit * unit;
   kb = kb < unit ? unit : kb;
   const int R = static_cast<int>(c.B);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t nbeg = t * kGemvRows, nend = (t + 1) * kGemvRows < c.N ? (t + 1) * kGemvRows : c.N;
-    auto run_tile = [&](auto rc, auto md) {
-      constexpr int RR = decltype(rc)::value, MD = decltype(md)::value;
+    auto run_tile = [&](auto rc, auto sch) {
+      constexpr int RR = decltype(rc)::value, S = decltype(sch)::value;
       const float* x[8];
-      for (int r = 0; r < R; ++r) x[r] = (MD ? xp : xf) + r * K;
-      constexpr int CC = MD ? q4_cols(RR, MD - 1) : gemv512_cols(RR);
+      for (int r = 0; r < R; ++r) x[r] = (S >= 0 ? xp : xf) + r * K;
+      constexpr int CC = S >= 0 ? q4_cols(RR, S) : gemv512_cols(RR);
       constexpr int kSteps = (kGemvRows + CC - 1) / CC;
       __m512 st[kSteps * RR * CC];
       for (int i = 0; i < kSteps * RR * CC; ++i) st[i] = _mm512_setzero_ps();
@@ -1150,8 +1149,8 @@ static void float_gemv512(const QuantCall& c, const float* xf) {
             rows[j] = n0 + (j < cnt ? j : cnt - 1);
             pf[j] = rows[j] + CC < c.N ? rows[j] + CC : c.N - 1;
           }
-          if constexpr (MD == 0) gdot512<QT, OFF, RR, CC>(c, x, rows, pf, k0, k1, st + i * RR * CC);
-          else q4dot512<MD - 1, RR, CC>(c, x, rows, pf, k0, k1, st + i * RR * CC);
+          if constexpr (S < 0) gdot512<QT, OFF, RR, CC>(c, x, rows, pf, k0, k1, st + i * RR * CC);
+          else q4dot512<S, RR, CC>(c, x, rows, pf, k0, k1, st + i * RR * CC);
         }
       }
       for (int64_t n0 = nbeg, i = 0; n0 < nend; n0 += CC, ++i) {
@@ -1173,28 +1172,30 @@ static void float_gemv512(const QuantCall& c, const float* xf) {
         }
       }
     };
-    auto by_mode = [&](auto rc) {
+    // only the (rows, scheme) pairs q4_scheme can return are instantiated
+    auto by_scheme = [&](auto rc) {
       constexpr int RV = decltype(rc)::value;
+      using I = std::integral_constant<int, -1>;
       if constexpr (QT == kQUInt4 && RV <= 4) {
-        if (mode == 1 + kQ4Table) return run_tile(rc, std::integral_constant<int, 1 + kQ4Table>{});
+        if (scheme == kQ4Table) return run_tile(rc, std::integral_constant<int, kQ4Table>{});
         if constexpr (RV == 1)
-          if (mode == 1 + kQ4Fold128) return run_tile(rc, std::integral_constant<int, 1 + kQ4Fold128>{});
+          if (scheme == kQ4Fold128) return run_tile(rc, std::integral_constant<int, kQ4Fold128>{});
         if constexpr (RV <= 2) {
-          if (mode == 1 + kQ4Fold64) return run_tile(rc, std::integral_constant<int, 1 + kQ4Fold64>{});
-          if (mode == 1 + kQ4Fold32) return run_tile(rc, std::integral_constant<int, 1 + kQ4Fold32>{});
+          if (scheme == kQ4Fold64) return run_tile(rc, std::integral_constant<int, kQ4Fold64>{});
+          if (scheme == kQ4Fold32) return run_tile(rc, std::integral_constant<int, kQ4Fold32>{});
         }
       }
-      run_tile(rc, std::integral_constant<int, 0>{});
+      run_tile(rc, I{});
     };
     switch (R) {
-      case 1: by_mode(std::integral_constant<int, 1>{}); break;
-      case 2: by_mode(std::integral_constant<int, 2>{}); break;
-      case 3: by_mode(std::integral_constant<int, 3>{}); break;
-      case 4: by_mode(std::integral_constant<int, 4>{}); break;
-      case 5: by_mode(std::integral_constant<int, 5>{}); break;
-      case 6: by_mode(std::integral_constant<int, 6>{}); break;
-      case 7: by_mode(std::integral_constant<int, 7>{}); break;
-      default: by_mode(std::integral_constant<int, 8>{}); break;
+      case 1: by_scheme(std::integral_constant<int, 1>{}); break;
+      case 2: by_scheme(std::integral_constant<int, 2>{}); break;
+      case 3: by_scheme(std::integral_constant<int, 3>{}); break;
+      case 4: by_scheme(std::integral_constant<int, 4>{}); break;
+      case 5: by_scheme(std::integral_constant<int, 5>{}); break;
+      case 6: by_scheme(std::integral_constant<int, 6>{}); break;
+      case 7: by_scheme(std::integral_constant<int, 7>{}); break;
+      default: by_scheme(std::integral_constant<int, 8>{}); break;
     }
   }
   std::free(xsum);
