@@ -34,9 +34,23 @@ def scalar(x, name: str) -> float:
     return float(x)
 
 
-def adam_hyper(lr, betas, eps, weight_decay) -> None:
+def lr_value(lr, read_device: bool = True) -> float:
+    """lr as a float for the range checks. A tensor lr on an accelerator is
+    only read when ``read_device`` (the constructor, as torch does): the
+    per-step checks must not synchronize, or a CUDA graph could not capture
+    the step; 0.0 stands in for it."""
+    if not read_device and isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        if lr.requires_grad:
+            raise ValueError("lr must not require grad (differentiable=True is not supported)")
+        return 0.0
+    return scalar(lr, "lr")
+
+
+def adam_hyper(lr, betas, eps, weight_decay, read_device: bool = True) -> None:
     """torch.optim.Adam's constructor checks, with the same messages."""
-    lr_f = scalar(lr, "lr")
+    lr_f = lr_value(lr, read_device)
     if not 0.0 <= lr_f:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:

@@ -159,6 +159,187 @@ def test_sgd_rmsprop_cuda_bitwise_equal_to_cpu(cls, kw, dtype):
         assert torch.equal(a, b.cpu())
 
 
+# ---------------------------------------------------------------- capturable
+# capturable=True: step counts on the device, lr / grad_scale / found_inf read
+# by the kernels, so the step can be captured in a CUDA graph.
+
+CAPTURABLE = {
+    "default": {},
+    "amsgrad-maximize-wd": dict(amsgrad=True, maximize=True, weight_decay=0.1),
+    "cuda-tensor-lr": dict(lr="cuda-tensor"),
+}
+
+
+def _capturable_kw(kw):
+    kw = dict(kw)
+    if kw.get("lr") == "cuda-tensor":
+        kw["lr"] = torch.tensor(3e-3, device="cuda")
+    return kw
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("option", list(CAPTURABLE))
+def test_capturable_matches_torch_fused_capturable(cls, dtype, option):
+    dt = DTYPES[dtype]
+    params = _params(dt, "cuda")
+    grads = _grads(params, 20)
+    ours, opt = _run(getattr(pyopt.optim, cls), params, grads, backend="native", capturable=True,
+                     **_capturable_kw(CAPTURABLE[option]))
+    theirs, topt = _run(getattr(torch.optim, cls), params, grads, fused=True, capturable=True,
+                        **_capturable_kw(CAPTURABLE[option]))
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -6, torch.float16: 2 ** -9}[dt]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    st = opt.state[opt.param_groups[0]["params"][0]]
+    assert st["step"].device.type == "cuda" and st["step"].item() == 20
+    # The checkpoint loads into torch's capturable optimizer and back.
+    back = getattr(torch.optim, cls)(opt.param_groups[0]["params"], capturable=True)
+    back.load_state_dict(opt.state_dict())
+    assert back.state_dict()["state"][0]["step"].item() == 20
+
+
+def test_capturable_step_in_a_cuda_graph_matches_eager():
+    params = _params(torch.float32, "cuda", sizes=(4097, (33, 65)))
+    grads = _grads(params, 8)
+    lr = torch.tensor(1e-2, device="cuda")
+    expect, _ = _run(pyopt.optim.AdamW, params, grads, backend="native", capturable=True, lr=lr,
+                     weight_decay=0.1)
+    ps = [p.detach().clone().requires_grad_() for p in params]
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    opt = pyopt.optim.AdamW(ps, backend="native", capturable=True, lr=lr, weight_decay=0.1)
+    # Warm up on a side stream (state and plans are built outside the graph),
+    # as torch's CUDA-graph recipe does, then undo the warm-up steps.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for p, g in zip(ps, grads[0]):
+            p.grad.copy_(g)
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for p, p0 in zip(ps, params):
+        p.data.copy_(p0)
+    for st in opt.state.values():
+        for k, v in st.items():
+            v.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for gs in grads:
+        for p, g in zip(ps, gs):
+            p.grad.copy_(g)
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(ps, expect):
+        assert torch.equal(a.detach(), b)
+    lr.fill_(0.0)   # lr is read from device memory at every replay
+    before = [p.detach().clone() for p in ps]
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(ps, before):   # lr 0: no update and no decay
+        assert torch.equal(a.detach(), b)
+
+
+def test_capture_without_capturable_raises():
+    p = torch.zeros(8, device="cuda", requires_grad=True)
+    p.grad = torch.ones(8, device="cuda")
+    opt = pyopt.optim.Adam([p], backend="native")
+    opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        with torch.cuda.graph(graph):
+            opt.step()
+
+
+@pytest.mark.parametrize("cls,kw", [("AdamW", dict(weight_decay=0.1)),
+                                    ("RMSprop", dict(centered=True, momentum=0.5))])
+def test_capturable_grad_scaler_skips_inf_steps_on_the_device(cls, kw):
+    params = _params(torch.float32, "cuda", sizes=(4097, 300))
+    grads = _grads(params, 8)
+
+    def train(opt_cls, ps, **extra):
+        opt = opt_cls(ps, capturable=True, **kw, **extra)
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 4, growth_interval=1 << 20)
+        snaps = []
+        for i, gs in enumerate(grads):
+            for p, g in zip(ps, gs):
+                p.grad = scaler.scale(g.clone())
+                if i in (2, 5):
+                    p.grad.view(-1)[0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            snaps.append([p.detach().clone() for p in ps])
+        return opt, snaps
+
+    ps = [p.detach().clone().requires_grad_() for p in params]
+    opt, ours = train(getattr(pyopt.optim, cls), ps, backend="native")
+    ref_ps = [p.detach().clone().requires_grad_() for p in params]
+    ref_kw = dict(fused=True) if cls != "RMSprop" else dict(foreach=False)
+    _, theirs = train(getattr(torch.optim, cls), ref_ps, **ref_kw)
+    for i in (2, 5):   # skipped: nothing changed
+        for a, b in zip(ours[i], ours[i - 1]):
+            assert torch.equal(a, b)
+    for a, b in zip(ours[-1], theirs[-1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert opt.state[ps[0]]["step"].item() == len(grads) - 2
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(centered=True, momentum=0.8, weight_decay=0.1),
+                                dict(lr="cuda-tensor", maximize=True)])
+def test_rmsprop_capturable_matches_torch(kw):
+    params = _params(torch.float32, "cuda")
+    grads = _grads(params, 20)
+    ours, opt = _run(pyopt.optim.RMSprop, params, grads, backend="native", capturable=True,
+                     **_capturable_kw(kw))
+    theirs, _ = _run(torch.optim.RMSprop, params, grads, capturable=True, foreach=False,
+                     **_capturable_kw(kw))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert opt.state[opt.param_groups[0]["params"][0]]["step"].device.type == "cuda"
+
+
+@pytest.mark.parametrize("cls,kw", [("AdamW", {}), ("Adam", dict(amsgrad=True, weight_decay=0.1)),
+                                    ("SGD", dict(lr=0.05, momentum=0.9)),
+                                    ("RMSprop", dict(centered=True, momentum=0.5))])
+@pytest.mark.parametrize("extra", ["plain", "mask", "master"])
+def test_grad_scaler_masks_master_weights_cuda_equal_cpu(cls, kw, extra):
+    # Not capturable: the host reads found_inf; the kernel unscales the grads
+    # (plain), or extra passes do (masks, master weights).
+    dt = torch.bfloat16 if extra == "master" else torch.float32
+    params = _params(dt, "cpu", sizes=(4097, (33, 65)))
+    grads = _grads(params, 6)
+    masks = [torch.rand(p.shape, generator=torch.Generator().manual_seed(3)) > 0.3
+             for p in params]
+
+    def train(device):
+        ps = [p.detach().to(device).requires_grad_() for p in params]
+        opt = getattr(pyopt.optim, cls)(ps, backend="native", master_weights=extra == "master",
+                                        **kw)
+        if extra == "mask":
+            for p, m in zip(ps, masks):
+                with torch.no_grad():
+                    p.mul_(m.to(device))
+                opt.set_mask(p, m.to(device))
+        scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 8, growth_interval=1 << 20)
+        for i, gs in enumerate(grads):
+            for p, g in zip(ps, gs):
+                p.grad = scaler.scale(g.to(device).float()).to(dt)
+                if i == 2:
+                    p.grad.view(-1)[1] = float("nan")
+            scaler.step(opt)
+            scaler.update()
+        return [p.detach().cpu() for p in ps], [p.grad.cpu() for p in ps]
+
+    cpu_p, cpu_g = train("cpu")
+    gpu_p, gpu_g = train("cuda")
+    for a, b in zip(cpu_p + cpu_g, gpu_p + gpu_g):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    if extra == "mask":
+        for p, m in zip(gpu_p, masks):
+            assert torch.all(p[~m] == 0)
+
+
 # ---------------------------------------------------------------- sparse linear
 # The _C_cuda sparse kernels called directly (raw addresses, as pyopt/_checks.py
 # would pass them) and compared with pyopt._reference.sparse on the same CUDA

@@ -404,10 +404,51 @@ def test_torch_flags_accepted_or_rejected():
     p = [torch.zeros(2, requires_grad=True)]
     for kw in ({"foreach": True}, {"foreach": False}, {"fused": True}, {"fused": False}):
         pyopt.optim.Adam(p, **kw)
-    with pytest.raises(ValueError, match="capturable"):
-        pyopt.optim.Adam(p, capturable=True)
+    pyopt.optim.Adam(p, capturable=True)
     with pytest.raises(ValueError, match="differentiable"):
         pyopt.optim.AdamW(p, differentiable=True)
+
+
+@pytest.mark.parametrize("cls", list(CLASSES))
+@pytest.mark.parametrize("lr", [1e-2, "tensor"])
+def test_capturable_on_cpu_matches_torch_fused_capturable(cls, lr):
+    # torch's fused CPU Adam accepts capturable=True and keeps the step on the
+    # CPU; pyopt does the same, and the checkpoints interchange.
+    lr_of = (lambda: torch.tensor(1e-2)) if lr == "tensor" else (lambda: lr)
+    g = torch.Generator().manual_seed(0)
+    p0 = [torch.randn(33, generator=g), torch.randn(4, 5, generator=g)]
+    grads = [[torch.randn(p.shape, generator=g) for p in p0] for _ in range(20)]
+    out = {}
+    for name, make in (("pyopt", getattr(pyopt.optim, cls)),
+                       ("torch", lambda ps, **kw: getattr(torch.optim, cls)(ps, fused=True, **kw))):
+        ps = [p.clone().requires_grad_() for p in p0]
+        opt = make(ps, lr=lr_of(), capturable=True, weight_decay=0.1, amsgrad=True)
+        for gs in grads:
+            for p, gr in zip(ps, gs):
+                p.grad = gr.clone()
+            opt.step()
+        out[name] = (ps, opt)
+    for a, b in zip(out["pyopt"][0], out["torch"][0]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    ours = out["pyopt"][1]
+    step = ours.state[out["pyopt"][0][0]]["step"]
+    assert step.device.type == "cpu" and step.dtype == torch.float32 and step.item() == 20
+    back = getattr(torch.optim, cls)(out["torch"][0], fused=True, capturable=True)
+    back.load_state_dict(ours.state_dict())
+    ours.load_state_dict(out["torch"][1].state_dict())
+    assert ours.state_dict()["state"][0]["step"].item() == 20
+
+
+def test_per_step_checks_do_not_read_a_device_lr():
+    # A tensor lr on an accelerator is range-checked at construction only, so
+    # a step never synchronizes on it (a CUDA graph could not capture that).
+    # The meta device stands in: reading its value raises.
+    lr = torch.tensor(1e-3, device="meta")
+    assert pyopt._checks.lr_value(lr, read_device=False) == 0.0
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        pyopt._checks.lr_value(lr)
+    with pytest.raises(ValueError, match="1-element"):
+        pyopt._checks.lr_value(torch.zeros(2, device="meta"), read_device=False)
 
 
 def test_functional_op_opcheck_and_compile_matches_eager():

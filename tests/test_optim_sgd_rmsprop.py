@@ -163,8 +163,9 @@ BAD = {
                               "Invalid momentum value"),
     "rmsprop-negative-alpha": ("pyopt.optim.RMSprop([p], alpha=-0.1)", "ValueError",
                                "Invalid alpha value"),
-    "rmsprop-capturable": ("pyopt.optim.RMSprop([p], capturable=True)", "ValueError",
-                           "capturable"),
+    "rmsprop-capturable-cpu": ("o = pyopt.optim.RMSprop([p], capturable=True); "
+                               "p.grad = torch.ones(4); o.step()", "ValueError",
+                               "capturable=True needs CUDA params"),
     "sgd-sparse-grad": ("o = pyopt.optim.SGD([p], lr=0.1, momentum=0.9); "
                         "p.grad = torch.ones(4).to_sparse(); o.step()", "RuntimeError", "sparse"),
     "rmsprop-grad-dtype": ("o = pyopt.optim.RMSprop([p]); p.grad = torch.ones(4); o.step(); "

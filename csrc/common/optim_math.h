@@ -44,14 +44,15 @@ struct AdamTensorScalars {
   float bc2_sqrt;          // sqrt(1 - beta2^t)
 };
 
-// Host side: the scalars of a tensor at step count t, in double as torch's
-// Python code computes them, rounded to float once. static, not inline-only:
-// each per-ISA translation unit keeps its own copy (see PYOPT_HD).
-static inline AdamTensorScalars adam_tensor_scalars(double lr, double beta1, double beta2,
-                                                    double t) {
+// The scalars of a tensor at step count t, in double as torch's Python code
+// (and its fused kernels) compute them, rounded to float once. The host runs
+// it per tensor; with capturable=True the CUDA kernel runs it per chunk from
+// the step count in device memory.
+PYOPT_HD AdamTensorScalars adam_tensor_scalars(double lr, double beta1, double beta2,
+                                               double t) {
   AdamTensorScalars s;
-  s.neg_step_size = static_cast<float>(-(lr / (1.0 - std::pow(beta1, t))));
-  s.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)));
+  s.neg_step_size = static_cast<float>(-(lr / (1.0 - ::pow(beta1, t))));
+  s.bc2_sqrt = static_cast<float>(::sqrt(1.0 - ::pow(beta2, t)));
   return s;
 }
 

@@ -17,21 +17,34 @@ namespace cuda {
 // Increments each tensor's host float32 step counter, then launches the
 // multi-tensor kernel on `stream` (a cudaStream_t as an integer). Does not
 // synchronize.
+//
+// capturable: the step column holds device float32 addresses instead; a
+// small kernel increments them and the update kernel computes the bias
+// corrections from them, so the host reads no device memory and the launches
+// can be captured in a CUDA graph. lr_addr (device float32, 0: use lr),
+// grad_scale_addr and found_inf_addr (device float32, 0: none) are read by
+// the kernels: found_inf != 0 skips the whole step including the counts;
+// grad_scale unscales the grads, which are stored back unscaled.
 // Throws std::invalid_argument for an unsupported dtype pair and
 // std::runtime_error when no device is usable or a launch fails.
 void adam_step(int64_t table_addr, int64_t n, double lr, double beta1, double beta2, double eps,
                double weight_decay, bool amsgrad, bool maximize, bool decoupled,
-               int param_dtype, int state_dtype, int64_t stream);
+               int param_dtype, int state_dtype, int64_t stream, bool capturable,
+               int64_t lr_addr, int64_t grad_scale_addr, int64_t found_inf_addr);
 
 // Fused SGD over n rows of an int64 [n, kSgdCols] table; launches on `stream`.
+// grad_scale_addr / found_inf_addr as for adam_step (SGD keeps no step count).
 void sgd_step(int64_t table_addr, int64_t n, double lr, double momentum, double dampening,
-              double weight_decay, bool nesterov, bool maximize, int dtype, int64_t stream);
+              double weight_decay, bool nesterov, bool maximize, int dtype, int64_t stream,
+              int64_t grad_scale_addr, int64_t found_inf_addr);
 
 // Fused RMSprop over n rows of an int64 [n, kRmsCols] table. Increments each
-// host float32 step counter, launches on `stream`.
+// host float32 step counter, launches on `stream`. capturable and the device
+// addresses as for adam_step.
 void rmsprop_step(int64_t table_addr, int64_t n, double lr, double alpha, double eps,
                   double weight_decay, double momentum, bool centered, bool maximize, int dtype,
-                  int64_t stream);
+                  int64_t stream, bool capturable, int64_t lr_addr, int64_t grad_scale_addr,
+                  int64_t found_inf_addr);
 
 // Sparse linear out[b, i] = bias[i] + sum_j W[i, j] * x[b, j] with W [N, K] in
 // one of the layouts of pyopt/sparse/formats.py. Every tensor argument is a

@@ -15,14 +15,21 @@
 //
 // Everything here is generic. An optimizer supplies an Op:
 //
-//   struct MyOp {
+//   struct MyOp : OpDefaults {
 //     using Lists = TypeList<P, P, S>;   // storage type of each pointer list
 //     using PerTensor = MyScalars;       // per-tensor scalars (trivially copyable)
 //     static constexpr unsigned kWriteMask = 0b101;  // lists stored back
 //     // x[d] is one element of list d, loaded as float; update it in place.
+//     // `s` is what chunk_scalars(per_tensor) returns (OpDefaults: the
+//     // per-tensor scalars themselves).
 //     __device__ void operator()(float (&x)[Lists::size],
 //                                const PerTensor& s) const;
 //   };
+//
+// OpDefaults also supplies skip() (true: the whole launch writes nothing,
+// read once per block from device memory, e.g. GradScaler's found_inf) and a
+// second write mask, kCondWriteMask, for lists stored only when
+// cond_write() is true (the grad, when it is unscaled in place).
 //
 // and the machinery does loading (16-byte vectors when aligned), fp32
 // conversion, round-to-nearest-even stores, tails and unaligned tensors.
@@ -59,6 +66,17 @@ constexpr int64_t kChunkSize = 65536;  // elements per block iteration; a multip
 constexpr size_t kMaxParamBytes = 4096;
 // Bytes kept free for the Op (its per-call hyper-parameters).
 constexpr size_t kOpParamBytes = 256;
+
+// Defaults for the optional parts of an Op (see the top of this file).
+struct OpDefaults {
+  static constexpr unsigned kCondWriteMask = 0u;
+  __device__ __forceinline__ bool skip() const { return false; }
+  __device__ __forceinline__ bool cond_write() const { return false; }
+  template <typename PerTensor>
+  __device__ __forceinline__ const PerTensor& chunk_scalars(const PerTensor& s) const {
+    return s;
+  }
+};
 
 template <typename... Ts>
 struct TypeList {
@@ -118,13 +136,15 @@ struct ListTraits<TypeList<Ts...>> {
 // One block processes elements [0, n) of its chunk. `base[d]` points at the
 // chunk's first element of list d.
 
-template <typename Op, typename... Ts, size_t... D>
+template <typename Op, typename S, typename... Ts, size_t... D>
 __device__ __forceinline__ void process_chunk(const Op& op, void* const (&base)[sizeof...(Ts)],
-                                              int n, const typename Op::PerTensor& s,
-                                              TypeList<Ts...>, std::index_sequence<D...>) {
+                                              int n, const S& s, TypeList<Ts...>,
+                                              std::index_sequence<D...>) {
   constexpr int kDepth = sizeof...(Ts);
   constexpr int kILP = ListTraits<TypeList<Ts...>>::kILP;
   constexpr unsigned kWrite = Op::kWriteMask;
+  constexpr unsigned kCond = Op::kCondWriteMask;
+  const bool cond = op.cond_write();  // uniform across the launch
   static_assert(kChunkSize % kILP == 0, "chunk starts must keep 16-byte alignment");
 
   // The vector path needs every pointer 16-byte aligned. A chunk starts at a
@@ -153,7 +173,8 @@ __device__ __forceinline__ void process_chunk(const Op& op, void* const (&base)[
       for (int k = 0; k < kILP; ++k) op(x[k], s);
       (
           [&] {
-            if constexpr ((kWrite >> D) & 1u) {
+            if constexpr (((kWrite | kCond) >> D) & 1u) {
+              if (!((kWrite >> D) & 1u) && !cond) return;
               using T = Ts;
               Pack<T, kILP> v;
 #pragma unroll
@@ -192,7 +213,8 @@ __device__ __forceinline__ void process_chunk(const Op& op, void* const (&base)[
       if (i < n) {
         (
             [&] {
-              if constexpr ((kWrite >> D) & 1u) {
+              if constexpr (((kWrite | kCond) >> D) & 1u) {
+                if (!((kWrite >> D) & 1u) && !cond) return;
                 using T = Ts;
                 static_cast<T*>(base[D])[i] = from_float<T>(x[k][D]);
               }
@@ -225,6 +247,7 @@ template <typename Op>
 __global__ void __launch_bounds__(kBlockSize, 4)
     multi_tensor_kernel(const __grid_constant__ MetaFor<Op> meta, const __grid_constant__ Op op) {
   constexpr int kDepth = Op::Lists::size;
+  if (op.skip()) return;
   int slot = 0;
   for (int c = blockIdx.x; c < meta.n_chunks; c += gridDim.x) {
     // Chunks are visited in increasing order, so the slot only moves forward.
@@ -236,7 +259,7 @@ __global__ void __launch_bounds__(kBlockSize, 4)
 
     void* base[kDepth];
     chunk_bases(base, meta, slot, start, typename Op::Lists{}, std::make_index_sequence<kDepth>{});
-    process_chunk(op, base, n, meta.per_tensor[slot], typename Op::Lists{},
+    process_chunk(op, base, n, op.chunk_scalars(meta.per_tensor[slot]), typename Op::Lists{},
                   std::make_index_sequence<kDepth>{});
   }
 }

@@ -1,8 +1,9 @@
-// CUDA optimizer kernels: multi-tensor fused Adam / AdamW.
+// CUDA optimizer kernels: multi-tensor fused Adam / AdamW, SGD and RMSprop.
 //
-// The per-element math is pyopt::adam_math from csrc/common/optim_math.h, the
-// same inline function the CPU kernels run; this file only moves data
-// (multi_tensor_apply.cuh) and computes per-tensor scalars on the host.
+// The per-element math is pyopt::adam_math & co. from csrc/common/optim_math.h,
+// the same inline functions the CPU kernels run; this file only moves data
+// (multi_tensor_apply.cuh) and computes per-tensor scalars: on the host, or
+// with capturable=True in the kernel from device-resident step counts.
 //
 // Compile without fast-math flags (--use_fast_math, -ftz, -prec-div=false,
 // -prec-sqrt=false): NaN/inf must propagate and sqrt/div must be IEEE, as on
@@ -26,41 +27,125 @@ namespace {
 // ---------------------------------------------------------------------------
 // Device side.
 
+// capturable=True: GradScaler's tensors and the learning rate stay in device
+// memory, so a step needs no host read and can be captured in a CUDA graph.
+// found_inf set: the launch writes nothing (the step counters were not
+// incremented either, see increment_steps). grad_scale set: each grad is
+// multiplied by 1/scale (computed in double, as the host path does) and
+// stored back unscaled, as torch's fused kernels leave it.
+struct DeviceAmp {
+  const float* found_inf = nullptr;
+  const float* grad_scale = nullptr;
+
+  __device__ __forceinline__ bool skip() const {
+    return found_inf != nullptr && *found_inf != 0.0f;
+  }
+  __device__ __forceinline__ float inv_scale() const {
+    return grad_scale != nullptr ? static_cast<float>(1.0 / static_cast<double>(*grad_scale))
+                                 : 1.0f;
+  }
+};
+
+// The learning rate: a device float32 (capturable, a tensor lr) or a host value.
+struct DeviceLr {
+  const float* ptr = nullptr;
+  double value = 0.0;
+
+  __device__ __forceinline__ double get() const {
+    return ptr != nullptr ? static_cast<double>(*ptr) : value;
+  }
+};
+
+// Per-tensor argument: host-computed scalars, or (capturable) the address of
+// the device step count, already incremented for this step.
+struct AdamTensor {
+  AdamTensorScalars s;
+  const float* step;
+};
+
+struct AdamChunk {
+  AdamHyper h;
+  AdamTensorScalars s;
+  float inv_scale;
+};
+
 // Lists: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, [4 max_exp_avg_sq].
 template <typename P, typename S, bool AMSGRAD, bool MAXIMIZE, int WD>
-struct AdamOp {
+struct AdamOp : OpDefaults {
   using Lists = std::conditional_t<AMSGRAD, TypeList<P, P, S, S, S>, TypeList<P, P, S, S>>;
-  using PerTensor = AdamTensorScalars;
-  // Everything but the grad is written back.
+  using PerTensor = AdamTensor;
+  // Everything but the grad is written back; the grad only when unscaled.
   static constexpr unsigned kWriteMask = AMSGRAD ? 0b11101u : 0b01101u;
+  static constexpr unsigned kCondWriteMask = 0b10u;
 
   AdamHyper h;
+  DeviceAmp amp;
+  DeviceLr lr;
+  double beta1, beta2, weight_decay;
 
-  __device__ __forceinline__ void operator()(float (&x)[Lists::size],
-                                             const AdamTensorScalars& s) const {
+  __device__ __forceinline__ bool skip() const { return amp.skip(); }
+  __device__ __forceinline__ bool cond_write() const { return amp.grad_scale != nullptr; }
+
+  __device__ __forceinline__ AdamChunk chunk_scalars(const AdamTensor& t) const {
+    AdamChunk c{h, t.s, amp.inv_scale()};
+    if (t.step != nullptr) {
+      const double lr_v = lr.get();
+      c.s = adam_tensor_scalars(lr_v, beta1, beta2, static_cast<double>(*t.step));
+      c.h.decay_factor = static_cast<float>(1.0 - lr_v * weight_decay);
+    }
+    return c;
+  }
+
+  __device__ __forceinline__ void operator()(float (&x)[Lists::size], const AdamChunk& c) const {
+    x[1] *= c.inv_scale;  // exact when 1
     if constexpr (AMSGRAD) {
-      adam_math<true, MAXIMIZE, WD>(x[0], x[1], x[2], x[3], x[4], h, s);
+      adam_math<true, MAXIMIZE, WD>(x[0], x[1], x[2], x[3], x[4], c.h, c.s);
     } else {
       float unused = 0.0f;
-      adam_math<false, MAXIMIZE, WD>(x[0], x[1], x[2], x[3], unused, h, s);
+      adam_math<false, MAXIMIZE, WD>(x[0], x[1], x[2], x[3], unused, c.h, c.s);
     }
   }
 };
 
+// capturable=True: step += 1 for every tensor in device memory, unless
+// found_inf is set. Runs before the update kernel on the same stream.
+constexpr int kStepsPerLaunch = 480;  // 3.8 KB of kernel arguments
+struct StepList {
+  float* step[kStepsPerLaunch];
+  int n;
+};
+
+__global__ void increment_steps(const __grid_constant__ StepList list, const float* found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
+  for (int i = threadIdx.x; i < list.n; i += blockDim.x) *list.step[i] += 1.0f;
+}
+
 // SGD lists: 0 param, 1 grad, [2 momentum_buffer].
 struct SgdTensor {
-  int32_t first;  // the buffer is new: it becomes a copy of the gradient
+  int32_t first;    // the buffer is new: it becomes a copy of the gradient
+  float inv_scale;  // set per chunk from DeviceAmp
 };
 
 template <typename T, bool MAXIMIZE, bool WD, int MOM>
-struct SgdOp {
+struct SgdOp : OpDefaults {
   using Lists = std::conditional_t<MOM != kNoMomentum, TypeList<T, T, T>, TypeList<T, T>>;
   using PerTensor = SgdTensor;
   static constexpr unsigned kWriteMask = MOM != kNoMomentum ? 0b101u : 0b01u;
+  static constexpr unsigned kCondWriteMask = 0b10u;  // unscaled grad
 
   SgdHyper h;
+  DeviceAmp amp;
+
+  __device__ __forceinline__ bool skip() const { return amp.skip(); }
+  __device__ __forceinline__ bool cond_write() const { return amp.grad_scale != nullptr; }
+  __device__ __forceinline__ SgdTensor chunk_scalars(const SgdTensor& t) const {
+    SgdTensor c = t;
+    c.inv_scale = amp.inv_scale();
+    return c;
+  }
 
   __device__ __forceinline__ void operator()(float (&x)[Lists::size], const SgdTensor& s) const {
+    x[1] *= s.inv_scale;
     if constexpr (MOM != kNoMomentum) {
       sgd_math<MAXIMIZE, WD, MOM>(x[0], x[1], x[2], s.first != 0, h);
     } else {
@@ -87,20 +172,38 @@ struct RmspropLists<T, false, true> { using type = TypeList<T, T, T, T>; };
 template <typename T>
 struct RmspropLists<T, true, true> { using type = TypeList<T, T, T, T, T>; };
 
+struct RmspropChunk {
+  RmspropHyper h;
+  float inv_scale;
+};
+
 template <typename T, bool MAXIMIZE, bool WD, bool CEN, bool MOM>
-struct RmspropOp {
+struct RmspropOp : OpDefaults {
   using Lists = typename RmspropLists<T, MOM, CEN>::type;
   using PerTensor = NoTensorScalars;
   static constexpr unsigned kWriteMask = (1u << Lists::size) - 1u - 0b10u;  // all but the grad
+  static constexpr unsigned kCondWriteMask = 0b10u;                         // unscaled grad
 
   RmspropHyper h;
+  DeviceAmp amp;
+  const float* lr_ptr;  // capturable with a tensor lr; else h.neg_lr
+
+  __device__ __forceinline__ bool skip() const { return amp.skip(); }
+  __device__ __forceinline__ bool cond_write() const { return amp.grad_scale != nullptr; }
+
+  __device__ __forceinline__ RmspropChunk chunk_scalars(const NoTensorScalars&) const {
+    RmspropChunk c{h, amp.inv_scale()};
+    if (lr_ptr != nullptr) c.h.neg_lr = -*lr_ptr;
+    return c;
+  }
 
   __device__ __forceinline__ void operator()(float (&x)[Lists::size],
-                                             const NoTensorScalars&) const {
+                                             const RmspropChunk& c) const {
     float unused_b = 0.0f, unused_a = 0.0f;
     float& buf = MOM ? x[3] : unused_b;
     float& gavg = CEN ? x[3 + (MOM ? 1 : 0)] : unused_a;
-    rmsprop_math<MAXIMIZE, WD, CEN, MOM>(x[0], x[1], x[2], gavg, buf, h);
+    x[1] *= c.inv_scale;
+    rmsprop_math<MAXIMIZE, WD, CEN, MOM>(x[0], x[1], x[2], gavg, buf, c.h);
   }
 };
 
@@ -142,26 +245,72 @@ const char* dtype_name(int code) {
 }
 
 
+// Device-memory inputs of a capturable step (any may be null).
+struct DeviceInputs {
+  bool capturable;  // the table's step column holds device float32 addresses
+  DeviceLr lr;
+  DeviceAmp amp;
+};
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("pyopt CUDA ") + what + " failed: " +
+                             cudaGetErrorString(err));
+  }
+}
+
+// capturable: every row's step += 1 on the device (gated by found_inf).
+void launch_increment_steps(const int64_t* table, int64_t n, int cols, int step_col,
+                            const float* found_inf, cudaStream_t stream) {
+  StepList list;
+  list.n = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    list.step[list.n++] = from_addr<float>(table[i * cols + step_col]);
+    if (list.n == kStepsPerLaunch || i == n - 1) {
+      increment_steps<<<1, 256, 0, stream>>>(list, found_inf);
+      check_launch("step-count kernel launch");
+      list.n = 0;
+    }
+  }
+}
+
 template <typename P, typename S, bool AMSGRAD, bool MAXIMIZE, int WD>
 void run_adam(const int64_t* table, int64_t n, double lr, double beta1, double beta2,
-              const AdamHyper& hyper, cudaStream_t stream) {
+              double weight_decay, const AdamHyper& hyper, const DeviceInputs& dev,
+              cudaStream_t stream) {
   using Op = AdamOp<P, S, AMSGRAD, MAXIMIZE, WD>;
   constexpr int kDepth = Op::Lists::size;
-  MultiTensorLauncher<Op> launcher(Op{hyper}, stream);
+  Op op;
+  op.h = hyper;
+  op.amp = dev.amp;
+  op.lr = dev.lr;
+  op.beta1 = beta1;
+  op.beta2 = beta2;
+  op.weight_decay = weight_decay;
+  if (dev.capturable) launch_increment_steps(table, n, kAdamCols, kAdamStep, dev.amp.found_inf, stream);
+  MultiTensorLauncher<Op> launcher(op, stream);
 
   float last_t = -1.0f;
-  AdamTensorScalars scalars{};
+  AdamTensor arg{};
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* row = table + i * kAdamCols;
 
-    // torch: step_t += 1 on the float32 CPU tensor, then the bias
-    // corrections in Python floats (double) from its value. Tensors of a
-    // group usually share the count, so the pow() calls are reused.
-    float* step = from_addr<float>(row[kAdamStep]);
-    *step += 1.0f;
-    if (*step != last_t) {
-      last_t = *step;
-      scalars = adam_tensor_scalars(lr, beta1, beta2, last_t);
+    if (dev.capturable) {
+      // The kernel reads the count (incremented above) and computes the
+      // scalars itself; the host never touches device memory.
+      arg.step = from_addr<const float>(row[kAdamStep]);
+    } else {
+      // torch: step_t += 1 on the float32 CPU tensor, then the bias
+      // corrections in Python floats (double) from its value. Tensors of a
+      // group usually share the count, so the pow() calls are reused.
+      float* step = from_addr<float>(row[kAdamStep]);
+      *step += 1.0f;
+      if (*step != last_t) {
+        last_t = *step;
+        arg.s = adam_tensor_scalars(lr, beta1, beta2, last_t);
+      }
+      arg.step = nullptr;
     }
 
     void* ptrs[kDepth];
@@ -171,33 +320,44 @@ void run_adam(const int64_t* table, int64_t n, double lr, double beta1, double b
     ptrs[3] = from_addr<void>(row[kAdamExpAvgSq]);
     if constexpr (AMSGRAD) ptrs[4] = from_addr<void>(row[kAdamMaxExpAvgSq]);
 
-    launcher.add(ptrs, row[kAdamNumel], scalars);  // numel == 0: step counted, nothing launched
+    launcher.add(ptrs, row[kAdamNumel], arg);  // numel == 0: step counted, nothing launched
   }
   launcher.flush();
 }
 
 template <typename T, bool MAXIMIZE, bool WD, int MOM>
-void run_sgd(const int64_t* table, int64_t n, const SgdHyper& h, cudaStream_t stream) {
+void run_sgd(const int64_t* table, int64_t n, const SgdHyper& h, const DeviceAmp& amp,
+             cudaStream_t stream) {
   using Op = SgdOp<T, MAXIMIZE, WD, MOM>;
-  MultiTensorLauncher<Op> launcher(Op{h}, stream);
+  Op op;
+  op.h = h;
+  op.amp = amp;
+  MultiTensorLauncher<Op> launcher(op, stream);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* row = table + i * kSgdCols;
     void* ptrs[Op::Lists::size];
     ptrs[0] = from_addr<void>(row[kSgdParam]);
     ptrs[1] = from_addr<void>(row[kSgdGrad]);
     if constexpr (MOM != kNoMomentum) ptrs[2] = from_addr<void>(row[kSgdMomentum]);
-    launcher.add(ptrs, row[kSgdNumel], SgdTensor{static_cast<int32_t>(row[kSgdFirst] != 0)});
+    launcher.add(ptrs, row[kSgdNumel], SgdTensor{static_cast<int32_t>(row[kSgdFirst] != 0), 1.0f});
   }
   launcher.flush();
 }
 
 template <typename T, bool MAXIMIZE, bool WD, bool CEN, bool MOM>
-void run_rmsprop(const int64_t* table, int64_t n, const RmspropHyper& h, cudaStream_t stream) {
+void run_rmsprop(const int64_t* table, int64_t n, const RmspropHyper& h, const DeviceInputs& dev,
+                 cudaStream_t stream) {
   using Op = RmspropOp<T, MAXIMIZE, WD, CEN, MOM>;
-  MultiTensorLauncher<Op> launcher(Op{h}, stream);
+  Op op;
+  op.h = h;
+  op.amp = dev.amp;
+  op.lr_ptr = dev.lr.ptr;
+  // The step count is kept (state_dict) but not used by the update.
+  if (dev.capturable) launch_increment_steps(table, n, kRmsCols, kRmsStep, dev.amp.found_inf, stream);
+  MultiTensorLauncher<Op> launcher(op, stream);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t* row = table + i * kRmsCols;
-    *from_addr<float>(row[kRmsStep]) += 1.0f;
+    if (!dev.capturable) *from_addr<float>(row[kRmsStep]) += 1.0f;
     void* ptrs[Op::Lists::size];
     ptrs[0] = from_addr<void>(row[kRmsParam]);
     ptrs[1] = from_addr<void>(row[kRmsGrad]);
@@ -219,11 +379,24 @@ bool begin_step(const char* name, int64_t n, int dtype) {
   return true;
 }
 
+DeviceInputs device_inputs(bool capturable, double lr, int64_t lr_addr, int64_t grad_scale_addr,
+                           int64_t found_inf_addr) {
+  DeviceInputs d;
+  d.capturable = capturable;
+  d.lr.ptr = from_addr<const float>(lr_addr);
+  d.lr.value = lr;
+  d.amp.grad_scale = from_addr<const float>(grad_scale_addr);
+  d.amp.found_inf = from_addr<const float>(found_inf_addr);
+  return d;
+}
+
 }  // namespace
 
 void sgd_step(int64_t table_addr, int64_t n, double lr, double momentum, double dampening,
-              double weight_decay, bool nesterov, bool maximize, int dtype, int64_t stream) {
+              double weight_decay, bool nesterov, bool maximize, int dtype, int64_t stream,
+              int64_t grad_scale_addr, int64_t found_inf_addr) {
   if (!begin_step("sgd_step", n, dtype)) return;
+  const DeviceAmp amp = device_inputs(false, lr, 0, grad_scale_addr, found_inf_addr).amp;
   SgdHyper h;
   h.neg_lr = static_cast<float>(-lr);
   h.weight_decay = static_cast<float>(weight_decay);
@@ -237,7 +410,7 @@ void sgd_step(int64_t table_addr, int64_t n, double lr, double momentum, double 
     dispatch_bool(maximize, [&](auto mx) {
       dispatch_bool(weight_decay != 0.0, [&](auto wd) {
         const auto go = [&](auto m) {
-          run_sgd<T, decltype(mx)::value, decltype(wd)::value, decltype(m)::value>(table, n, h, s);
+          run_sgd<T, decltype(mx)::value, decltype(wd)::value, decltype(m)::value>(table, n, h, amp, s);
         };
         if (mom == kNoMomentum) go(std::integral_constant<int, kNoMomentum>{});
         else if (mom == kHeavyBall) go(std::integral_constant<int, kHeavyBall>{});
@@ -249,8 +422,10 @@ void sgd_step(int64_t table_addr, int64_t n, double lr, double momentum, double 
 
 void rmsprop_step(int64_t table_addr, int64_t n, double lr, double alpha, double eps,
                   double weight_decay, double momentum, bool centered, bool maximize, int dtype,
-                  int64_t stream) {
+                  int64_t stream, bool capturable, int64_t lr_addr, int64_t grad_scale_addr,
+                  int64_t found_inf_addr) {
   if (!begin_step("rmsprop_step", n, dtype)) return;
+  const DeviceInputs dev = device_inputs(capturable, lr, lr_addr, grad_scale_addr, found_inf_addr);
   RmspropHyper h;
   h.neg_lr = static_cast<float>(-lr);
   h.alpha = static_cast<float>(alpha);
@@ -267,7 +442,7 @@ void rmsprop_step(int64_t table_addr, int64_t n, double lr, double alpha, double
         dispatch_bool(centered, [&](auto cen) {
           dispatch_bool(momentum > 0.0, [&](auto mom) {
             run_rmsprop<T, decltype(mx)::value, decltype(wd)::value, decltype(cen)::value,
-                        decltype(mom)::value>(table, n, h, s);
+                        decltype(mom)::value>(table, n, h, dev, s);
           });
         });
       });
@@ -277,8 +452,10 @@ void rmsprop_step(int64_t table_addr, int64_t n, double lr, double alpha, double
 
 void adam_step(int64_t table_addr, int64_t n, double lr, double beta1, double beta2, double eps,
                double weight_decay, bool amsgrad, bool maximize, bool decoupled,
-               int param_dtype, int state_dtype, int64_t stream) {
+               int param_dtype, int state_dtype, int64_t stream, bool capturable,
+               int64_t lr_addr, int64_t grad_scale_addr, int64_t found_inf_addr) {
   if (n < 0) throw std::invalid_argument("pyopt CUDA adam_step: n must be >= 0");
+  const DeviceInputs dev = device_inputs(capturable, lr, lr_addr, grad_scale_addr, found_inf_addr);
   // Resolve the dtype pair first so a bad pair is reported even for n == 0.
   bool supported = false;
   dispatch_dtype(param_dtype, [&](auto p_tag) {
@@ -316,7 +493,7 @@ void adam_step(int64_t table_addr, int64_t n, double lr, double beta1, double be
           dispatch_bool(maximize, [&](auto maxim) {
             dispatch_weight_decay(wd, [&](auto wd_c) {
               run_adam<P, S, decltype(ams)::value, decltype(maxim)::value, decltype(wd_c)::value>(
-                  table, n, lr, beta1, beta2, hyper, cu_stream);
+                  table, n, lr, beta1, beta2, weight_decay, hyper, dev, cu_stream);
             });
           });
         });

@@ -21,16 +21,18 @@ from .._checks import local
 from ._state import OptimizerState, ParamState
 
 
-def launch(op, backend, params, grads, table, args, grad_inv_scale=1.0) -> bool:
+def launch(op, backend, params, grads, table, args, grad_inv_scale=1.0, device_inputs=None) -> bool:
     """Run ``<op>_step`` of the native (CPU or CUDA) or numba backend over an
     address table; False for the torch reference, which the caller runs on
     tensor lists. Only the CPU kernels take the grad dtype and the GradScaler
-    factor (elsewhere the caller has already unscaled)."""
+    factor (elsewhere the caller has already unscaled). ``device_inputs``:
+    the CUDA kernels' capturable keywords (see FusedOptimizer._device_inputs)."""
     n = len(params)
     if backend == "native":
         if params[0].is_cuda:
             stream = torch.cuda.current_stream(params[0].device).cuda_stream
-            getattr(_backends.cuda_module(), f"{op}_step")(table.ctypes.data, n, *args, stream)
+            getattr(_backends.cuda_module(), f"{op}_step")(table.ctypes.data, n, *args, stream,
+                                                           **(device_inputs or {}))
         else:
             getattr(_backends.cpu_module(), f"{op}_step")(
                 table.ctypes.data, n, *args, _checks.DTYPE_CODES[grads[0].dtype], grad_inv_scale,
@@ -148,6 +150,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     STATE_KEYS: tuple = ()
     HAS_STEP = True      # a float32 "step" tensor per param, as torch keeps it
     _NAME = "Optimizer"
+    _CPU_CAPTURABLE = False   # torch's fused Adam/AdamW accept capturable=True on the CPU
+
+    @classmethod
+    def _new_step(cls, p, group):
+        """A zero step count where the kernels read it: on the param's CUDA
+        device with capturable=True (as torch keeps it), else on the CPU."""
+        dev = local(p).device if cls._capturable_on(local(p).device, group) else "cpu"
+        return torch.zeros((), dtype=torch.float32, device=dev)
 
     def _uses_master(self, p, group) -> bool:
         """fp32 master weights apply to 16-bit params; fp32 params ignore the flag."""
@@ -240,12 +250,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        inv_scale = 1.0
+        inv_scale, amp = 1.0, None
         if grad_scale is not None or found_inf is not None:
-            inv_scale = self._amp_inv_scale(grad_scale, found_inf)
-            if inv_scale is None:   # found_inf: skip the step, change nothing
-                return loss
+            amp = self._device_amp(grad_scale, found_inf)
+            if amp is None:
+                inv_scale = self._amp_inv_scale(grad_scale, found_inf)
+                if inv_scale is None:   # found_inf: skip the step, change nothing
+                    return loss
         if torch.compiler.is_compiling():
+            if any(g.get("capturable") and g["params"] and g["params"][0].is_cuda
+                   for g in self.param_groups):
+                raise NotImplementedError("pyopt: capturable=True on CUDA is not supported inside "
+                                          "torch.compile yet; step outside the compiled region "
+                                          "(the step itself can be captured in a CUDA graph)")
             if inv_scale != 1.0 or self._masks or self._master_weights:
                 raise NotImplementedError("pyopt: GradScaler, masks and master weights are not supported "
                                           "inside torch.compile yet; step outside the compiled region")
@@ -286,6 +303,16 @@ class FusedOptimizer(torch.optim.Optimizer):
                     w[3] = self._plans[w[0]] = self._build_plan(w[1], w[4], w[5], w[2])
             for plan in self._plans.values():  # builds write state: re-arm every plan
                 plan.state_version = self.state.version
+        if (any(b.device.type == "cuda" for w in work for b in w[3].buckets)
+                and torch.cuda.is_current_stream_capturing()):
+            for gi, group, flags, plan, ps, gs in work:
+                for b in plan.buckets:
+                    if not (b.backend == "native" and self._capturable_on(b.device, group)):
+                        raise RuntimeError(
+                            f"{self._NAME}: a CUDA graph can capture the step only with "
+                            "capturable=True and the native CUDA backend; param_groups["
+                            f"{gi}] has capturable={bool(group.get('capturable'))} and "
+                            f"backend {b.backend!r} (see `pyopt info`)")
         for gi, group, flags, plan, ps, gs in work:
             for b in plan.buckets:
                 if len(plan.buckets) == 1:
@@ -295,17 +322,27 @@ class FusedOptimizer(torch.optim.Optimizer):
                 # The CPU kernels unscale grads and apply masks inside the
                 # update; other backends get the same result in extra passes.
                 fused = b.backend == "native" and b.device.type == "cpu"
+                bamp = amp
+                if amp is not None and (b.master or b.masked) and amp[0] is not None:
+                    # Extra passes follow: unscale the real grads first, on the device.
+                    torch._foreach_mul_(bgs, amp[0].double().reciprocal().float())
+                    bamp = (None, amp[1])
                 if inv_scale != 1.0 and not fused:
-                    torch._foreach_mul_(bgs, inv_scale)
+                    if (b.backend == "native" and not b.master and not b.masked
+                            and grad_scale.dtype == torch.float32
+                            and grad_scale.device == b.device):
+                        bamp = (grad_scale, None)   # the CUDA kernel unscales as it reads
+                    else:
+                        torch._foreach_mul_(bgs, inv_scale)
                 if not b.master:
-                    self._run(b, bps, bgs, group, inv_scale if fused else 1.0, b.table)
+                    self._run(b, bps, bgs, group, inv_scale if fused else 1.0, b.table, bamp)
                 elif fused:   # the kernel widens the grads and rounds the masters into the params
-                    self._run(b, b.masters, bgs, group, inv_scale, b.table)
+                    self._run(b, b.masters, bgs, group, inv_scale, b.table, bamp)
                 else:
                     g32 = [g.float() for g in bgs]
                     table = b.table.copy()
                     table[:, 1] = [g.data_ptr() for g in g32]
-                    self._run(b, b.masters, g32, group, 1.0, table)
+                    self._run(b, b.masters, g32, group, 1.0, table, bamp)
                 if b.masked and not fused:
                     self._mask_states(b)
                 if b.master and not fused:
@@ -315,8 +352,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     # -- AMP and masks --------------------------------------------------------
     _step_supports_amp_scaling = True   # GradScaler sets grad_scale / found_inf
 
-    def _amp_inv_scale(self, grad_scale, found_inf):
-        """1 / grad_scale as a float, or None when found_inf says to skip."""
+    def _amp_check(self, grad_scale, found_inf):
         for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
             if t is not None and (not isinstance(t, torch.Tensor) or t.numel() != 1
                                   or not t.is_floating_point()):
@@ -327,6 +363,61 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{self._NAME}: {name} is on {t.device} but the params are on "
                                  f"{', '.join(sorted(devices))}; create the GradScaler for the "
                                  "params' device, e.g. torch.amp.GradScaler('cpu')")
+
+    def _device_amp(self, grad_scale, found_inf):
+        """(grad_scale, found_inf) for the kernels to read on the device, when
+        every group is capturable on one CUDA device with the native backend;
+        else None and the host reads them (one synchronization per step)."""
+        self._amp_check(grad_scale, found_inf)
+        groups = [g for g in self.param_groups if g["params"]]
+        devs = {g["params"][0].device for g in groups}
+        if len(devs) != 1 or not all(self._capturable_on(next(iter(devs)), g) for g in groups):
+            return None
+        dev = next(iter(devs))
+        if _backends.resolve(self._backend, "cuda") != "native":
+            return None
+        for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+            if t is not None and (t.dtype != torch.float32 or t.device != dev):
+                raise ValueError(f"{self._NAME}: with capturable=True, {name} must be a float32 "
+                                 f"tensor on {dev} (GradScaler's own), got {t.dtype} on {t.device}")
+        return grad_scale, found_inf
+
+    @staticmethod
+    def _capturable_on(device, group) -> bool:
+        """capturable=True on CUDA: the step counts live on the device and the
+        native kernels read lr, grad_scale and found_inf from device memory."""
+        return bool(group.get("capturable")) and device.type == "cuda"
+
+    def _device_inputs(self, b, group, amp):
+        """(host lr, keywords of the CUDA kernel or None) for one bucket.
+        ``amp``: (grad_scale, found_inf) tensors, or None, for the kernel to read."""
+        lr = group["lr"]
+        if not (b.backend == "native" and b.device.type == "cuda"):
+            return _checks.scalar(lr, "lr"), None
+        if not self._capturable_on(b.device, group):
+            if amp is None:
+                return _checks.scalar(lr, "lr"), None
+            return _checks.scalar(lr, "lr"), dict(
+                grad_scale_addr=0 if amp[0] is None else amp[0].data_ptr(),
+                found_inf_addr=0 if amp[1] is None else amp[1].data_ptr())
+        kw = dict(capturable=True, lr_addr=0, grad_scale_addr=0, found_inf_addr=0)
+        host_lr = 0.0
+        if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
+            if lr.dtype != torch.float32 or lr.device != b.device or lr.numel() != 1:
+                raise ValueError(f"{self._NAME}: with capturable=True a tensor lr must be one "
+                                 f"float32 element on {b.device}, got {lr.dtype} {tuple(lr.shape)} "
+                                 f"on {lr.device}")
+            kw["lr_addr"] = lr.data_ptr()
+        else:
+            host_lr = _checks.scalar(lr, "lr")
+        if amp is not None:
+            kw["grad_scale_addr"] = 0 if amp[0] is None else amp[0].data_ptr()
+            kw["found_inf_addr"] = 0 if amp[1] is None else amp[1].data_ptr()
+        return host_lr, kw
+
+    def _amp_inv_scale(self, grad_scale, found_inf):
+        """1 / grad_scale as a float, or None when found_inf says to skip
+        (after _device_amp has checked both)."""
         if found_inf is not None and found_inf.item() != 0:
             return None
         if grad_scale is None:
@@ -375,6 +466,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 _checks.grad(local(p), local(g), where + " (local shard)", name)
             if device is None:
                 device = p.device
+                if group.get("capturable") and device.type == "cpu" and not self._CPU_CAPTURABLE:
+                    raise ValueError(f"{name}: capturable=True needs CUDA params, as in "
+                                     f"torch.optim.{name}; param_groups[{gi}] is on the CPU "
+                                     "(use capturable=False there)")
             elif p.device != device:
                 raise ValueError(f"{name}: all params of one group must be on one device; "
                                  f"param_groups[{gi}] has params on {device} and {p.device}")
@@ -425,12 +520,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         the step must be a CPU float32 scalar (where torch keeps it by default),
         since the kernels read all of them through one address table."""
         step = st.get("step")
+        want = local(p).device if self._capturable_on(local(p).device, group) else torch.device("cpu")
         if not self.HAS_STEP:
             pass
         elif not isinstance(step, torch.Tensor):
-            st["step"] = torch.tensor(float(step or 0.0), dtype=torch.float32)
-        elif step.device.type != "cpu" or step.dtype != torch.float32 or step.dim() != 0:
-            st["step"] = step.detach().to("cpu", torch.float32).reshape(())
+            st["step"] = torch.tensor(float(step or 0.0), dtype=torch.float32, device=want)
+        elif step.device != want or step.dtype != torch.float32 or step.dim() != 0:
+            st["step"] = step.detach().to(want, torch.float32).reshape(())
         dtype = p.dtype
         if self._uses_master(p, group):
             dtype = torch.float32

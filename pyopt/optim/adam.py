@@ -9,13 +9,10 @@ from ._base import FusedOptimizer, launch
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def _flag_check(foreach, capturable, differentiable, fused):
+def _flag_check(foreach, differentiable, fused):
     # foreach/fused choose an implementation in torch; pyopt always runs its
     # own fused multi-tensor kernel, so both are accepted and stored as given.
     del foreach, fused
-    if capturable:
-        raise ValueError("capturable=True is not supported yet by pyopt (CUDA-graph capture "
-                         "is planned); use torch.optim for capturable steps")
     if differentiable:
         raise ValueError("differentiable=True is not supported by pyopt's fused kernels; "
                          "use torch.optim for differentiable optimizer steps")
@@ -23,11 +20,11 @@ def _flag_check(foreach, capturable, differentiable, fused):
 
 def run_adam(backend, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
              steps, table, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-             decoupled, grad_inv_scale=1.0):
+             decoupled, grad_inv_scale=1.0, device_inputs=None):
     """Call one backend on already-validated tensors of one (device, dtype)."""
     code = _checks.DTYPE_CODES[params[0].dtype]
     args = (lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, code, code)
-    if not launch("adam", backend, params, grads, table, args, grad_inv_scale):
+    if not launch("adam", backend, params, grads, table, args, grad_inv_scale, device_inputs):
         from .._reference.optim import adam_step
         adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr,
                   beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
@@ -44,19 +41,24 @@ class Adam(FusedOptimizer):
     rounded into the param in the same kernel; a no-op for fp32 params).
 
     torch flags: ``foreach`` and ``fused`` are accepted and ignored (the step
-    is always fused); ``capturable=True`` and ``differentiable=True`` raise.
+    is always fused); ``differentiable=True`` raises. ``capturable=True``: on
+    CUDA the step counts stay on the device, and lr (a float32 CUDA tensor or
+    a float), GradScaler's grad_scale and found_inf are read by the kernel, so
+    ``optimizer.step()`` can be captured in a CUDA graph (native CUDA backend).
+    On the CPU it changes nothing, as with torch's fused CPU Adam.
     """
 
     STATE_KEYS = _STATE_KEYS
     _NAME = "Adam"
     _DECOUPLED = False
+    _CPU_CAPTURABLE = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  master_weights=False, backend=None):
         _checks.adam_hyper(lr, betas, eps, weight_decay)
-        _flag_check(foreach, capturable, differentiable, fused)
+        _flag_check(foreach, differentiable, fused)
         if isinstance(betas[0], torch.Tensor) or isinstance(betas[1], torch.Tensor):
             betas = (_checks.scalar(betas[0], "betas[0]"), _checks.scalar(betas[1], "betas[1]"))
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -76,14 +78,15 @@ class Adam(FusedOptimizer):
                 group["decoupled_weight_decay"] = True
 
     def _plan_flags(self, group):
-        return bool(group["amsgrad"])
+        return bool(group["amsgrad"]), bool(group.get("capturable"))
 
     def _check_group(self, group):
-        _checks.adam_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-        _flag_check(None, group.get("capturable"), group.get("differentiable"), None)
+        _checks.adam_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                           read_device=False)
+        _flag_check(None, group.get("differentiable"), None)
 
     def _init_state(self, p, st, group):
-        st["step"] = torch.tensor(0.0, dtype=torch.float32)
+        st["step"] = self._new_step(p, group)
         st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if group["amsgrad"]:
@@ -95,18 +98,20 @@ class Adam(FusedOptimizer):
             st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         super()._normalize_state(p, st, group)
 
-    def _run(self, b, ps, gs, group, grad_inv_scale, table):
+    def _run(self, b, ps, gs, group, grad_inv_scale, table, amp=None):
         amsgrad = bool(group["amsgrad"])
         beta1, beta2 = group["betas"]
         lists = ([], [], [])
         if b.backend == "torch":
             lists = ([s["exp_avg"] for s in b.states], [s["exp_avg_sq"] for s in b.states],
                      [s["max_exp_avg_sq"] for s in b.states] if amsgrad else [])
+        lr, dev = self._device_inputs(b, group, amp)
         run_adam(b.backend, ps, gs, *lists, b.steps, table,
-                 lr=_checks.scalar(group["lr"], "lr"), beta1=float(beta1), beta2=float(beta2),
+                 lr=lr, beta1=float(beta1), beta2=float(beta2),
                  eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                  amsgrad=amsgrad, maximize=bool(group["maximize"]),
-                 decoupled=bool(group["decoupled_weight_decay"]), grad_inv_scale=grad_inv_scale)
+                 decoupled=bool(group["decoupled_weight_decay"]), grad_inv_scale=grad_inv_scale,
+                 device_inputs=dev)
 
 
     def _run_op(self, group, ps, gs):

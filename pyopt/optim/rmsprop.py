@@ -8,8 +8,8 @@ from .. import _checks
 from ._base import FusedOptimizer, launch
 
 
-def _check_hyper(lr, alpha, eps, weight_decay, momentum):
-    lr_f = _checks.scalar(lr, "lr")
+def _check_hyper(lr, alpha, eps, weight_decay, momentum, read_device=True):
+    lr_f = _checks.lr_value(lr, read_device)
     if not 0.0 <= lr_f:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
@@ -23,10 +23,10 @@ def _check_hyper(lr, alpha, eps, weight_decay, momentum):
 
 
 def run_rmsprop(backend, params, grads, lists, steps, table, *, lr, alpha, eps, weight_decay,
-                momentum, centered, maximize, grad_inv_scale=1.0):
+                momentum, centered, maximize, grad_inv_scale=1.0, device_inputs=None):
     args = (lr, alpha, eps, weight_decay, momentum, centered, maximize,
             _checks.DTYPE_CODES[params[0].dtype])
-    if not launch("rmsprop", backend, params, grads, table, args, grad_inv_scale):
+    if not launch("rmsprop", backend, params, grads, table, args, grad_inv_scale, device_inputs):
         from .._reference.optim import rmsprop_step
         rmsprop_step(params, grads, *lists, steps, lr=lr, alpha=alpha, eps=eps,
                      weight_decay=weight_decay, momentum=momentum, centered=centered,
@@ -35,8 +35,11 @@ def run_rmsprop(backend, params, grads, lists, steps, table, *, lr, alpha, eps, 
 
 class RMSprop(FusedOptimizer):
     """Fused RMSprop with torch.optim.RMSprop's arguments, defaults and
-    state_dict. ``foreach`` is accepted and ignored; ``capturable=True`` and
-    ``differentiable=True`` raise. Extra keyword-only argument ``backend``."""
+    state_dict. ``foreach`` is accepted and ignored; ``differentiable=True``
+    raises. ``capturable=True`` needs CUDA params, as in torch: the step
+    counts stay on the device and lr/grad_scale/found_inf are read by the
+    kernel (see :class:`pyopt.optim.Adam`). Extra keyword-only argument
+    ``backend``."""
 
     STATE_KEYS = ("square_avg", "momentum_buffer", "grad_avg")
     _NAME = "RMSprop"
@@ -45,9 +48,6 @@ class RMSprop(FusedOptimizer):
                  centered=False, capturable=False, foreach=None, maximize=False,
                  differentiable=False, *, master_weights=False, backend=None):
         _check_hyper(lr, alpha, eps, weight_decay, momentum)
-        if capturable:
-            raise ValueError("capturable=True is not supported yet by pyopt; use torch.optim "
-                             "for capturable steps")
         if differentiable:
             raise ValueError("differentiable=True is not supported by pyopt's fused kernels; "
                              "use torch.optim for differentiable optimizer steps")
@@ -64,16 +64,16 @@ class RMSprop(FusedOptimizer):
                 group.setdefault(k, v)
 
     def _plan_flags(self, group):
-        return group["momentum"] > 0, bool(group["centered"])
+        return group["momentum"] > 0, bool(group["centered"]), bool(group.get("capturable"))
 
     def _check_group(self, group):
         _check_hyper(group["lr"], group["alpha"], group["eps"], group["weight_decay"],
-                     group["momentum"])
-        if group.get("capturable") or group.get("differentiable"):
-            raise ValueError("capturable/differentiable RMSprop is not supported by pyopt")
+                     group["momentum"], read_device=False)
+        if group.get("differentiable"):
+            raise ValueError("differentiable RMSprop is not supported by pyopt")
 
     def _init_state(self, p, st, group):
-        st["step"] = torch.tensor(0.0, dtype=torch.float32)
+        st["step"] = self._new_step(p, group)
         st["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _normalize_state(self, p, st, group):
@@ -85,18 +85,19 @@ class RMSprop(FusedOptimizer):
             st["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         super()._normalize_state(p, st, group)
 
-    def _run(self, b, ps, gs, group, grad_inv_scale, table):
+    def _run(self, b, ps, gs, group, grad_inv_scale, table, amp=None):
         momentum, centered = float(group["momentum"]), bool(group["centered"])
         lists = ([], [], [])
         if b.backend == "torch":
             lists = ([s["square_avg"] for s in b.states],
                      [s["momentum_buffer"] for s in b.states] if momentum > 0 else [],
                      [s["grad_avg"] for s in b.states] if centered else [])
+        lr, dev = self._device_inputs(b, group, amp)
         run_rmsprop(b.backend, ps, gs, lists, b.steps, table,
-                    lr=_checks.scalar(group["lr"], "lr"), alpha=float(group["alpha"]),
+                    lr=lr, alpha=float(group["alpha"]),
                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                     momentum=momentum, centered=centered, maximize=bool(group["maximize"]),
-                    grad_inv_scale=grad_inv_scale)
+                    grad_inv_scale=grad_inv_scale, device_inputs=dev)
 
     def _run_op(self, group, ps, gs):
         from .. import _ops  # noqa: F401  (registers torch.ops.pyopt)

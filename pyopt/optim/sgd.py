@@ -20,11 +20,11 @@ def _check_hyper(lr, momentum, dampening, weight_decay, nesterov):
 
 
 def run_sgd(backend, params, grads, bufs, table, *, lr, momentum, dampening, weight_decay,
-            nesterov, maximize, grad_inv_scale=1.0):
+            nesterov, maximize, grad_inv_scale=1.0, device_inputs=None):
     """Call one backend on already-validated tensors of one (device, dtype)."""
     args = (lr, momentum, dampening, weight_decay, nesterov, maximize,
             _checks.DTYPE_CODES[params[0].dtype])
-    if not launch("sgd", backend, params, grads, table, args, grad_inv_scale):
+    if not launch("sgd", backend, params, grads, table, args, grad_inv_scale, device_inputs):
         from .._reference.optim import sgd_step
         sgd_step(params, grads, bufs, table[:, 3].tolist(), lr=lr, momentum=momentum,
                  dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
@@ -87,13 +87,15 @@ class SGD(FusedOptimizer):
         """Column 3: 1 while the buffer is new (it becomes a copy of the gradient)."""
         return int(id(st.get("momentum_buffer")) in self._fresh)
 
-    def _run(self, b, ps, gs, group, grad_inv_scale, table):
+    def _run(self, b, ps, gs, group, grad_inv_scale, table, amp=None):
         self._fresh.clear()
         bufs = [s.get("momentum_buffer") for s in b.states] if b.backend == "torch" else []
-        run_sgd(b.backend, ps, gs, bufs, table, lr=_checks.scalar(group["lr"], "lr"),
+        lr, dev = self._device_inputs(b, group, amp)
+        run_sgd(b.backend, ps, gs, bufs, table, lr=lr,
                 momentum=float(group["momentum"]), dampening=float(group["dampening"]),
                 weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
-                maximize=bool(group["maximize"]), grad_inv_scale=grad_inv_scale)
+                maximize=bool(group["maximize"]), grad_inv_scale=grad_inv_scale,
+                device_inputs=dev)
         b.table[:, 3] = 0
 
     def _run_op(self, group, ps, gs):
