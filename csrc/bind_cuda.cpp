@@ -38,7 +38,8 @@ PYBIND11_MODULE(_C_cuda, m) {
       [](int64_t table_addr, int64_t n, double lr, double beta1, double beta2, double eps,
          double weight_decay, bool amsgrad, bool maximize, bool decoupled, int param_dtype,
          int state_dtype, int64_t stream, bool capturable, int64_t lr_addr,
-         int64_t grad_scale_addr, int64_t found_inf_addr) {
+         int64_t grad_scale_addr, int64_t found_inf_addr, int grad_dtype) {
+        if (grad_dtype != -1) check_dtype_code(grad_dtype, "grad_dtype");
         if (n < 0) throw std::invalid_argument("_C_cuda.adam_step: n must be >= 0");
         check_dtype_code(param_dtype, "param_dtype");
         check_dtype_code(state_dtype, "state_dtype");
@@ -47,32 +48,36 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::gil_scoped_release no_gil;
         pyopt::cuda::adam_step(table_addr, n, lr, beta1, beta2, eps, weight_decay, amsgrad,
                                maximize, decoupled, param_dtype, state_dtype, stream, capturable,
-                               lr_addr, grad_scale_addr, found_inf_addr);
+                               lr_addr, grad_scale_addr, found_inf_addr, grad_dtype);
       },
       py::arg("table_addr"), py::arg("n"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
       py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"),
       py::arg("decoupled"), py::arg("param_dtype"), py::arg("state_dtype"), py::arg("stream"),
       py::arg("capturable") = false, py::arg("lr_addr") = 0, py::arg("grad_scale_addr") = 0,
-      py::arg("found_inf_addr") = 0,
+      py::arg("found_inf_addr") = 0, py::arg("grad_dtype") = -1,
       "Fused Adam/AdamW step over n tensors described by an int64 [n, 9] address table "
       "(csrc/common/optim_table.h). Increments each host float32 step (capturable: each "
       "device float32 step, in a kernel), launches on `stream`, does not synchronize. "
-      "lr_addr, grad_scale_addr, found_inf_addr: device float32 scalars or 0.");
+      "lr_addr, grad_scale_addr, found_inf_addr: device float32 scalars or 0. Masks and fp32 "
+      "master weights (grad_dtype != param_dtype) are applied in the kernel "
+      "(csrc/cuda/launchers.h).");
 
   m.def(
       "sgd_step",
       [](int64_t table_addr, int64_t n, double lr, double momentum, double dampening,
          double weight_decay, bool nesterov, bool maximize, int dtype, int64_t stream,
-         int64_t grad_scale_addr, int64_t found_inf_addr) {
+         int64_t grad_scale_addr, int64_t found_inf_addr, int grad_dtype) {
         check_dtype_code(dtype, "dtype");
+        if (grad_dtype != -1) check_dtype_code(grad_dtype, "grad_dtype");
         py::gil_scoped_release no_gil;
         pyopt::cuda::sgd_step(table_addr, n, lr, momentum, dampening, weight_decay, nesterov,
-                              maximize, dtype, stream, grad_scale_addr, found_inf_addr);
+                              maximize, dtype, stream, grad_scale_addr, found_inf_addr,
+                              grad_dtype);
       },
       py::arg("table_addr"), py::arg("n"), py::arg("lr"), py::arg("momentum"),
       py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"),
       py::arg("dtype"), py::arg("stream"), py::arg("grad_scale_addr") = 0,
-      py::arg("found_inf_addr") = 0,
+      py::arg("found_inf_addr") = 0, py::arg("grad_dtype") = -1,
       "Fused SGD over an int64 [n, 7] address table; launches on `stream`. grad_scale_addr, "
       "found_inf_addr: device float32 scalars or 0, as for adam_step.");
 
@@ -80,17 +85,20 @@ PYBIND11_MODULE(_C_cuda, m) {
       "rmsprop_step",
       [](int64_t table_addr, int64_t n, double lr, double alpha, double eps, double weight_decay,
          double momentum, bool centered, bool maximize, int dtype, int64_t stream,
-         bool capturable, int64_t lr_addr, int64_t grad_scale_addr, int64_t found_inf_addr) {
+         bool capturable, int64_t lr_addr, int64_t grad_scale_addr, int64_t found_inf_addr,
+         int grad_dtype) {
         check_dtype_code(dtype, "dtype");
+        if (grad_dtype != -1) check_dtype_code(grad_dtype, "grad_dtype");
         py::gil_scoped_release no_gil;
         pyopt::cuda::rmsprop_step(table_addr, n, lr, alpha, eps, weight_decay, momentum,
                                   centered, maximize, dtype, stream, capturable, lr_addr,
-                                  grad_scale_addr, found_inf_addr);
+                                  grad_scale_addr, found_inf_addr, grad_dtype);
       },
       py::arg("table_addr"), py::arg("n"), py::arg("lr"), py::arg("alpha"), py::arg("eps"),
       py::arg("weight_decay"), py::arg("momentum"), py::arg("centered"), py::arg("maximize"),
       py::arg("dtype"), py::arg("stream"), py::arg("capturable") = false,
       py::arg("lr_addr") = 0, py::arg("grad_scale_addr") = 0, py::arg("found_inf_addr") = 0,
+      py::arg("grad_dtype") = -1,
       "Fused RMSprop over an int64 [n, 9] address table; launches on `stream`. capturable "
       "and the device addresses as for adam_step.");
 

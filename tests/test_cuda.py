@@ -252,6 +252,48 @@ def test_capture_without_capturable_raises():
             opt.step()
 
 
+def test_capturable_many_tensors_masks_and_master_weights_equal_cpu():
+    # 500 params: more step counts than one increment launch holds (480).
+    params = _params(torch.bfloat16, "cpu", sizes=[7] * 498 + [4097, (33, 65)])
+    grads = _grads(params, 4)
+    masks = [torch.rand(p.shape, generator=torch.Generator().manual_seed(5)) > 0.5
+             for p in params]
+
+    def train(device):
+        ps = [p.detach().to(device).requires_grad_() for p in params]
+        opt = pyopt.optim.AdamW(ps, backend="native", capturable=True, master_weights=True,
+                                weight_decay=0.1)
+        for p, m in zip(ps[-2:], masks[-2:]):
+            with torch.no_grad():
+                p.mul_(m.to(device))
+            opt.set_mask(p, m.to(device))
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.to(device)
+            opt.step()
+        steps = {st["step"].item() for st in opt.state.values()}
+        return [p.detach().cpu() for p in ps], steps
+
+    cpu, cpu_steps = train("cpu")
+    gpu, gpu_steps = train("cuda")
+    assert cpu_steps == gpu_steps == {4.0}
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for p, m in zip(gpu[-2:], masks[-2:]):
+        assert torch.all(p[~m] == 0)
+
+
+def test_capture_before_warm_up_raises():
+    p = torch.zeros(8, device="cuda", requires_grad=True)
+    p.grad = torch.ones(8, device="cuda")
+    opt = pyopt.optim.Adam([p], backend="native", capturable=True)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="warm-up"):
+        with torch.cuda.graph(graph):
+            opt.step()
+    assert len(opt.state) == 0
+
+
 @pytest.mark.parametrize("cls,kw", [("AdamW", dict(weight_decay=0.1)),
                                     ("RMSprop", dict(centered=True, momentum=0.5))])
 def test_capturable_grad_scaler_skips_inf_steps_on_the_device(cls, kw):

@@ -25,18 +25,27 @@ namespace cuda {
 // grad_scale_addr and found_inf_addr (device float32, 0: none) are read by
 // the kernels: found_inf != 0 skips the whole step including the counts;
 // grad_scale unscales the grads, which are stored back unscaled.
+//
+// Every row's mask column (uint8/bool, 0 = pruned) is applied in the kernel:
+// masked positions of the param and of every state list are stored as 0.
+// grad_dtype (-1: the param dtype) differing from param_dtype means fp32
+// master weights: the param column is the float32 master, the grad is 16-bit
+// grad_dtype, and the row's out column, the 16-bit param, receives the
+// updated master rounded to nearest even, in the same kernel.
 // Throws std::invalid_argument for an unsupported dtype pair and
 // std::runtime_error when no device is usable or a launch fails.
 void adam_step(int64_t table_addr, int64_t n, double lr, double beta1, double beta2, double eps,
                double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                int param_dtype, int state_dtype, int64_t stream, bool capturable,
-               int64_t lr_addr, int64_t grad_scale_addr, int64_t found_inf_addr);
+               int64_t lr_addr, int64_t grad_scale_addr, int64_t found_inf_addr,
+               int grad_dtype);
 
 // Fused SGD over n rows of an int64 [n, kSgdCols] table; launches on `stream`.
-// grad_scale_addr / found_inf_addr as for adam_step (SGD keeps no step count).
+// grad_scale_addr / found_inf_addr and grad_dtype as for adam_step (SGD keeps
+// no step count).
 void sgd_step(int64_t table_addr, int64_t n, double lr, double momentum, double dampening,
               double weight_decay, bool nesterov, bool maximize, int dtype, int64_t stream,
-              int64_t grad_scale_addr, int64_t found_inf_addr);
+              int64_t grad_scale_addr, int64_t found_inf_addr, int grad_dtype);
 
 // Fused RMSprop over n rows of an int64 [n, kRmsCols] table. Increments each
 // host float32 step counter, launches on `stream`. capturable and the device
@@ -44,7 +53,7 @@ void sgd_step(int64_t table_addr, int64_t n, double lr, double momentum, double 
 void rmsprop_step(int64_t table_addr, int64_t n, double lr, double alpha, double eps,
                   double weight_decay, double momentum, bool centered, bool maximize, int dtype,
                   int64_t stream, bool capturable, int64_t lr_addr, int64_t grad_scale_addr,
-                  int64_t found_inf_addr);
+                  int64_t found_inf_addr, int grad_dtype);
 
 // Sparse linear out[b, i] = bias[i] + sum_j W[i, j] * x[b, j] with W [N, K] in
 // one of the layouts of pyopt/sparse/formats.py. Every tensor argument is a

@@ -31,6 +31,11 @@
 // second write mask, kCondWriteMask, for lists stored only when
 // cond_write() is true (the grad, when it is unscaled in place).
 //
+// Masks (pruned weights) are generic: a tensor may come with a uint8/bool
+// mask of its shape; where the mask is 0, every list in kWriteMask is stored
+// as an exact 0 after the update (param, states, a master's 16-bit copy), by
+// the same block right after it updates the chunk (zero_masked).
+//
 // and the machinery does loading (16-byte vectors when aligned), fp32
 // conversion, round-to-nearest-even stores, tails and unaligned tensors.
 #pragma once
@@ -87,8 +92,8 @@ struct TypeList {
 // the two counters and alignment padding; a static_assert checks the real
 // sizeof in MultiTensorLauncher.
 constexpr int max_tensors_for(int depth, size_t per_tensor_bytes) {
-  const size_t per_tensor =
-      depth * sizeof(void*) + sizeof(int64_t) + sizeof(int32_t) + per_tensor_bytes;
+  const size_t per_tensor = (depth + 1) * sizeof(void*) + sizeof(int64_t) + sizeof(int32_t) +
+                            per_tensor_bytes;
   return static_cast<int>((kMaxParamBytes - kOpParamBytes - 32) / per_tensor);
 }
 
@@ -98,6 +103,7 @@ struct TensorListMeta {
   static constexpr int kDepth = DEPTH;
   static constexpr int kMaxTensors = max_tensors_for(DEPTH, sizeof(PerTensor));
   void* ptrs[DEPTH][kMaxTensors];
+  const uint8_t* mask[kMaxTensors];    // nullptr: no mask
   int64_t numel[kMaxTensors];          // > 0 for every used slot
   PerTensor per_tensor[kMaxTensors];
   int32_t chunk_end[kMaxTensors];      // chunks of slots 0..t together (inclusive prefix sum)
@@ -225,6 +231,27 @@ __device__ __forceinline__ void process_chunk(const Op& op, void* const (&base)[
   }
 }
 
+// Masked positions of a chunk that process_chunk has just updated: every
+// list in kWriteMask gets an exact 0 there. A second loop rather than a
+// select inside the update: that select pushed most kernels past their
+// 64-register budget into spills, while this loop re-touches only lines the
+// block wrote a moment ago (still in L2) and reads each mask byte once.
+template <typename Op, typename... Ts, size_t... D>
+__device__ __forceinline__ void zero_masked(void* const (&base)[sizeof...(Ts)],
+                                            const uint8_t* __restrict__ mask, int n,
+                                            TypeList<Ts...>, std::index_sequence<D...>) {
+  constexpr unsigned kWrite = Op::kWriteMask;
+  __syncthreads();  // other threads of the block wrote these elements
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    if (mask[i] != 0) continue;
+    (
+        [&] {
+          if constexpr ((kWrite >> D) & 1u) static_cast<Ts*>(base[D])[i] = from_float<Ts>(0.0f);
+        }(),
+        ...);
+  }
+}
+
 // base[D] = start-th element of list D in tensor `slot` (typed, so the byte
 // offset follows each list's element size).
 template <typename Meta, typename... Ts, size_t... D>
@@ -261,6 +288,11 @@ __global__ void __launch_bounds__(kBlockSize, 4)
     chunk_bases(base, meta, slot, start, typename Op::Lists{}, std::make_index_sequence<kDepth>{});
     process_chunk(op, base, n, op.chunk_scalars(meta.per_tensor[slot]), typename Op::Lists{},
                   std::make_index_sequence<kDepth>{});
+    // Uniform across the block: every thread works on this chunk.
+    if (meta.mask[slot] != nullptr) {
+      zero_masked<Op>(base, meta.mask[slot] + start, n, typename Op::Lists{},
+                      std::make_index_sequence<kDepth>{});
+    }
   }
 }
 
@@ -288,8 +320,9 @@ class MultiTensorLauncher {
     std::memset(&meta_, 0, sizeof(meta_));  // unused slots are never read; zero them anyway
   }
 
-  // numel <= 0 adds nothing.
-  void add(void* const (&ptrs)[kDepth], int64_t numel, const typename Op::PerTensor& s) {
+  // numel <= 0 adds nothing. mask: uint8 [numel] (0 = pruned) or nullptr.
+  void add(void* const (&ptrs)[kDepth], int64_t numel, const typename Op::PerTensor& s,
+           const uint8_t* mask = nullptr) {
     if (numel <= 0) return;
     const int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
     if (chunks > INT32_MAX - meta_.n_chunks) {  // the int32 chunk counter would overflow
@@ -298,6 +331,7 @@ class MultiTensorLauncher {
     }
     const int slot = meta_.n_tensors++;
     for (int d = 0; d < kDepth; ++d) meta_.ptrs[d][slot] = ptrs[d];
+    meta_.mask[slot] = mask;
     meta_.numel[slot] = numel;
     meta_.per_tensor[slot] = s;
     meta_.n_chunks += static_cast<int32_t>(chunks);

@@ -69,13 +69,30 @@ struct AdamChunk {
   float inv_scale;
 };
 
-// Lists: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, [4 max_exp_avg_sq].
-template <typename P, typename S, bool AMSGRAD, bool MAXIMIZE, int WD>
+template <typename List, typename T>
+struct Append;
+template <typename... Ts, typename T>
+struct Append<TypeList<Ts...>, T> {
+  using type = TypeList<Ts..., T>;
+};
+template <bool C, typename List, typename T>
+using AppendIf = std::conditional_t<C, typename Append<List, T>::type, List>;
+
+// fp32 master weights (MASTER): list 0 is the fp32 master, the grad G is the
+// 16-bit param dtype, and a last list, the 16-bit param, receives the updated
+// master rounded to nearest even. Without a master, G is the param dtype.
+template <bool MASTER, typename Lists>
+constexpr unsigned out_bit() {
+  return MASTER ? 1u << (Lists::size - 1) : 0u;
+}
+
+// Lists: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, [max_exp_avg_sq], [out].
+template <typename P, typename G, typename S, bool AMSGRAD, bool MAXIMIZE, int WD, bool MASTER>
 struct AdamOp : OpDefaults {
-  using Lists = std::conditional_t<AMSGRAD, TypeList<P, P, S, S, S>, TypeList<P, P, S, S>>;
+  using Lists = AppendIf<MASTER, AppendIf<AMSGRAD, TypeList<P, G, S, S>, S>, G>;
   using PerTensor = AdamTensor;
   // Everything but the grad is written back; the grad only when unscaled.
-  static constexpr unsigned kWriteMask = AMSGRAD ? 0b11101u : 0b01101u;
+  static constexpr unsigned kWriteMask = (AMSGRAD ? 0b11101u : 0b01101u) | out_bit<MASTER, Lists>();
   static constexpr unsigned kCondWriteMask = 0b10u;
 
   AdamHyper h;
@@ -104,6 +121,7 @@ struct AdamOp : OpDefaults {
       float unused = 0.0f;
       adam_math<false, MAXIMIZE, WD>(x[0], x[1], x[2], x[3], unused, c.h, c.s);
     }
+    if constexpr (MASTER) x[Lists::size - 1] = x[0];
   }
 };
 
@@ -126,11 +144,13 @@ struct SgdTensor {
   float inv_scale;  // set per chunk from DeviceAmp
 };
 
-template <typename T, bool MAXIMIZE, bool WD, int MOM>
+// SGD lists: 0 param, 1 grad, [momentum_buffer], [out].
+template <typename T, typename G, bool MAXIMIZE, bool WD, int MOM, bool MASTER>
 struct SgdOp : OpDefaults {
-  using Lists = std::conditional_t<MOM != kNoMomentum, TypeList<T, T, T>, TypeList<T, T>>;
+  using Lists = AppendIf<MASTER, AppendIf<MOM != kNoMomentum, TypeList<T, G>, T>, G>;
   using PerTensor = SgdTensor;
-  static constexpr unsigned kWriteMask = MOM != kNoMomentum ? 0b101u : 0b01u;
+  static constexpr unsigned kWriteMask = (MOM != kNoMomentum ? 0b101u : 0b01u) |
+                                         out_bit<MASTER, Lists>();
   static constexpr unsigned kCondWriteMask = 0b10u;  // unscaled grad
 
   SgdHyper h;
@@ -152,34 +172,24 @@ struct SgdOp : OpDefaults {
       float unused = 0.0f;
       sgd_math<MAXIMIZE, WD, MOM>(x[0], x[1], unused, false, h);
     }
+    if constexpr (MASTER) x[Lists::size - 1] = x[0];
   }
 };
 
 // RMSprop lists: 0 param, 1 grad, 2 square_avg, then momentum_buffer if MOM,
-// then grad_avg if CENTERED.
+// then grad_avg if CENTERED, then the 16-bit out list if MASTER.
 struct NoTensorScalars {
   int32_t unused;
 };
-
-template <typename T, bool MOM, bool CEN>
-struct RmspropLists;
-template <typename T>
-struct RmspropLists<T, false, false> { using type = TypeList<T, T, T>; };
-template <typename T>
-struct RmspropLists<T, true, false> { using type = TypeList<T, T, T, T>; };
-template <typename T>
-struct RmspropLists<T, false, true> { using type = TypeList<T, T, T, T>; };
-template <typename T>
-struct RmspropLists<T, true, true> { using type = TypeList<T, T, T, T, T>; };
 
 struct RmspropChunk {
   RmspropHyper h;
   float inv_scale;
 };
 
-template <typename T, bool MAXIMIZE, bool WD, bool CEN, bool MOM>
+template <typename T, typename G, bool MAXIMIZE, bool WD, bool CEN, bool MOM, bool MASTER>
 struct RmspropOp : OpDefaults {
-  using Lists = typename RmspropLists<T, MOM, CEN>::type;
+  using Lists = AppendIf<MASTER, AppendIf<CEN, AppendIf<MOM, TypeList<T, G, T>, T>, T>, G>;
   using PerTensor = NoTensorScalars;
   static constexpr unsigned kWriteMask = (1u << Lists::size) - 1u - 0b10u;  // all but the grad
   static constexpr unsigned kCondWriteMask = 0b10u;                         // unscaled grad
@@ -204,6 +214,7 @@ struct RmspropOp : OpDefaults {
     float& gavg = CEN ? x[3 + (MOM ? 1 : 0)] : unused_a;
     x[1] *= c.inv_scale;
     rmsprop_math<MAXIMIZE, WD, CEN, MOM>(x[0], x[1], x[2], gavg, buf, c.h);
+    if constexpr (MASTER) x[Lists::size - 1] = x[0];
   }
 };
 
@@ -275,11 +286,17 @@ void launch_increment_steps(const int64_t* table, int64_t n, int cols, int step_
   }
 }
 
-template <typename P, typename S, bool AMSGRAD, bool MAXIMIZE, int WD>
+// The master's 16-bit copy: every row of a MASTER call has one.
+inline void* out_list(const int64_t* row, int col) {
+  if (row[col] == 0) throw std::invalid_argument("pyopt CUDA: master weights without an out column");
+  return from_addr<void>(row[col]);
+}
+
+template <typename P, typename G, typename S, bool AMSGRAD, bool MAXIMIZE, int WD, bool MASTER>
 void run_adam(const int64_t* table, int64_t n, double lr, double beta1, double beta2,
               double weight_decay, const AdamHyper& hyper, const DeviceInputs& dev,
               cudaStream_t stream) {
-  using Op = AdamOp<P, S, AMSGRAD, MAXIMIZE, WD>;
+  using Op = AdamOp<P, G, S, AMSGRAD, MAXIMIZE, WD, MASTER>;
   constexpr int kDepth = Op::Lists::size;
   Op op;
   op.h = hyper;
@@ -319,16 +336,18 @@ void run_adam(const int64_t* table, int64_t n, double lr, double beta1, double b
     ptrs[2] = from_addr<void>(row[kAdamExpAvg]);
     ptrs[3] = from_addr<void>(row[kAdamExpAvgSq]);
     if constexpr (AMSGRAD) ptrs[4] = from_addr<void>(row[kAdamMaxExpAvgSq]);
+    if constexpr (MASTER) ptrs[kDepth - 1] = out_list(row, kAdamOut);
 
-    launcher.add(ptrs, row[kAdamNumel], arg);  // numel == 0: step counted, nothing launched
+    // numel == 0: step counted, nothing launched
+    launcher.add(ptrs, row[kAdamNumel], arg, from_addr<const uint8_t>(row[kAdamMask]));
   }
   launcher.flush();
 }
 
-template <typename T, bool MAXIMIZE, bool WD, int MOM>
+template <typename T, typename G, bool MAXIMIZE, bool WD, int MOM, bool MASTER>
 void run_sgd(const int64_t* table, int64_t n, const SgdHyper& h, const DeviceAmp& amp,
              cudaStream_t stream) {
-  using Op = SgdOp<T, MAXIMIZE, WD, MOM>;
+  using Op = SgdOp<T, G, MAXIMIZE, WD, MOM, MASTER>;
   Op op;
   op.h = h;
   op.amp = amp;
@@ -339,15 +358,17 @@ void run_sgd(const int64_t* table, int64_t n, const SgdHyper& h, const DeviceAmp
     ptrs[0] = from_addr<void>(row[kSgdParam]);
     ptrs[1] = from_addr<void>(row[kSgdGrad]);
     if constexpr (MOM != kNoMomentum) ptrs[2] = from_addr<void>(row[kSgdMomentum]);
-    launcher.add(ptrs, row[kSgdNumel], SgdTensor{static_cast<int32_t>(row[kSgdFirst] != 0), 1.0f});
+    if constexpr (MASTER) ptrs[Op::Lists::size - 1] = out_list(row, kSgdOut);
+    launcher.add(ptrs, row[kSgdNumel], SgdTensor{static_cast<int32_t>(row[kSgdFirst] != 0), 1.0f},
+                 from_addr<const uint8_t>(row[kSgdMask]));
   }
   launcher.flush();
 }
 
-template <typename T, bool MAXIMIZE, bool WD, bool CEN, bool MOM>
+template <typename T, typename G, bool MAXIMIZE, bool WD, bool CEN, bool MOM, bool MASTER>
 void run_rmsprop(const int64_t* table, int64_t n, const RmspropHyper& h, const DeviceInputs& dev,
                  cudaStream_t stream) {
-  using Op = RmspropOp<T, MAXIMIZE, WD, CEN, MOM>;
+  using Op = RmspropOp<T, G, MAXIMIZE, WD, CEN, MOM, MASTER>;
   Op op;
   op.h = h;
   op.amp = dev.amp;
@@ -364,7 +385,8 @@ void run_rmsprop(const int64_t* table, int64_t n, const RmspropHyper& h, const D
     ptrs[2] = from_addr<void>(row[kRmsSquareAvg]);
     if constexpr (MOM) ptrs[3] = from_addr<void>(row[kRmsMomentum]);
     if constexpr (CEN) ptrs[3 + (MOM ? 1 : 0)] = from_addr<void>(row[kRmsGradAvg]);
-    launcher.add(ptrs, row[kRmsNumel], NoTensorScalars{0});
+    if constexpr (MASTER) ptrs[Op::Lists::size - 1] = out_list(row, kRmsOut);
+    launcher.add(ptrs, row[kRmsNumel], NoTensorScalars{0}, from_addr<const uint8_t>(row[kRmsMask]));
   }
   launcher.flush();
 }
@@ -390,11 +412,35 @@ DeviceInputs device_inputs(bool capturable, double lr, int64_t lr_addr, int64_t 
   return d;
 }
 
+// f(Tag<G>) for the 16-bit codes only (master weights compile no fp32 copy).
+template <typename F>
+void dispatch_16bit(int code, F&& f) {
+  if (code == kBFloat16) return f(Tag<__nv_bfloat16>{});
+  return f(Tag<__half>{});
+}
+
+// Calls f(Tag<G>, bool_constant<MASTER>). grad_dtype < 0 or == dtype: the
+// grad has the param dtype. Otherwise fp32 master weights: the param lists
+// (dtype) are float32 and the grad and out list are 16-bit grad_dtype.
+template <typename F>
+void dispatch_grad(const char* name, int dtype, int grad_dtype, F&& f) {
+  if (grad_dtype < 0 || grad_dtype == dtype) {
+    dispatch_dtype(dtype, [&](auto t) { f(t, std::false_type{}); });
+    return;
+  }
+  if (dtype != kFloat32 || (grad_dtype != kBFloat16 && grad_dtype != kFloat16)) {
+    throw std::invalid_argument(std::string("pyopt CUDA ") + name +
+                                ": master weights need float32 lists and a 16-bit grad, got " +
+                                dtype_name(dtype) + " and " + dtype_name(grad_dtype));
+  }
+  dispatch_16bit(grad_dtype, [&](auto g) { f(g, std::true_type{}); });
+}
+
 }  // namespace
 
 void sgd_step(int64_t table_addr, int64_t n, double lr, double momentum, double dampening,
               double weight_decay, bool nesterov, bool maximize, int dtype, int64_t stream,
-              int64_t grad_scale_addr, int64_t found_inf_addr) {
+              int64_t grad_scale_addr, int64_t found_inf_addr, int grad_dtype) {
   if (!begin_step("sgd_step", n, dtype)) return;
   const DeviceAmp amp = device_inputs(false, lr, 0, grad_scale_addr, found_inf_addr).amp;
   SgdHyper h;
@@ -405,12 +451,14 @@ void sgd_step(int64_t table_addr, int64_t n, double lr, double momentum, double 
   const int mom = momentum == 0.0 ? kNoMomentum : (nesterov ? kNesterov : kHeavyBall);
   const int64_t* table = from_addr<const int64_t>(table_addr);
   const cudaStream_t s = to_stream(stream);
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
+  dispatch_grad("sgd_step", dtype, grad_dtype, [&](auto g_tag, auto master) {
+    using G = typename decltype(g_tag)::type;
+    using T = std::conditional_t<decltype(master)::value, float, G>;
     dispatch_bool(maximize, [&](auto mx) {
       dispatch_bool(weight_decay != 0.0, [&](auto wd) {
         const auto go = [&](auto m) {
-          run_sgd<T, decltype(mx)::value, decltype(wd)::value, decltype(m)::value>(table, n, h, amp, s);
+          run_sgd<T, G, decltype(mx)::value, decltype(wd)::value, decltype(m)::value,
+                  decltype(master)::value>(table, n, h, amp, s);
         };
         if (mom == kNoMomentum) go(std::integral_constant<int, kNoMomentum>{});
         else if (mom == kHeavyBall) go(std::integral_constant<int, kHeavyBall>{});
@@ -423,7 +471,7 @@ void sgd_step(int64_t table_addr, int64_t n, double lr, double momentum, double 
 void rmsprop_step(int64_t table_addr, int64_t n, double lr, double alpha, double eps,
                   double weight_decay, double momentum, bool centered, bool maximize, int dtype,
                   int64_t stream, bool capturable, int64_t lr_addr, int64_t grad_scale_addr,
-                  int64_t found_inf_addr) {
+                  int64_t found_inf_addr, int grad_dtype) {
   if (!begin_step("rmsprop_step", n, dtype)) return;
   const DeviceInputs dev = device_inputs(capturable, lr, lr_addr, grad_scale_addr, found_inf_addr);
   RmspropHyper h;
@@ -435,14 +483,15 @@ void rmsprop_step(int64_t table_addr, int64_t n, double lr, double alpha, double
   h.momentum = static_cast<float>(momentum);
   const int64_t* table = from_addr<const int64_t>(table_addr);
   const cudaStream_t s = to_stream(stream);
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
+  dispatch_grad("rmsprop_step", dtype, grad_dtype, [&](auto g_tag, auto master) {
+    using G = typename decltype(g_tag)::type;
+    using T = std::conditional_t<decltype(master)::value, float, G>;
     dispatch_bool(maximize, [&](auto mx) {
       dispatch_bool(weight_decay != 0.0, [&](auto wd) {
         dispatch_bool(centered, [&](auto cen) {
           dispatch_bool(momentum > 0.0, [&](auto mom) {
-            run_rmsprop<T, decltype(mx)::value, decltype(wd)::value, decltype(cen)::value,
-                        decltype(mom)::value>(table, n, h, dev, s);
+            run_rmsprop<T, G, decltype(mx)::value, decltype(wd)::value, decltype(cen)::value,
+                        decltype(mom)::value, decltype(master)::value>(table, n, h, dev, s);
           });
         });
       });
@@ -453,8 +502,12 @@ void rmsprop_step(int64_t table_addr, int64_t n, double lr, double alpha, double
 void adam_step(int64_t table_addr, int64_t n, double lr, double beta1, double beta2, double eps,
                double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                int param_dtype, int state_dtype, int64_t stream, bool capturable,
-               int64_t lr_addr, int64_t grad_scale_addr, int64_t found_inf_addr) {
+               int64_t lr_addr, int64_t grad_scale_addr, int64_t found_inf_addr,
+               int grad_dtype) {
   if (n < 0) throw std::invalid_argument("pyopt CUDA adam_step: n must be >= 0");
+  const bool master = grad_dtype >= 0 && grad_dtype != param_dtype;
+  if (master && state_dtype != kFloat32)
+    throw std::invalid_argument("pyopt CUDA adam_step: master weights need float32 state");
   const DeviceInputs dev = device_inputs(capturable, lr, lr_addr, grad_scale_addr, found_inf_addr);
   // Resolve the dtype pair first so a bad pair is reported even for n == 0.
   bool supported = false;
@@ -484,20 +537,34 @@ void adam_step(int64_t table_addr, int64_t n, double lr, double beta1, double be
   const int64_t* table = from_addr<const int64_t>(table_addr);
   const cudaStream_t cu_stream = to_stream(stream);
 
+  const auto go = [&](auto p_tag, auto g_tag, auto s_tag, auto is_master) {
+    using P = typename decltype(p_tag)::type;
+    using G = typename decltype(g_tag)::type;
+    using S = typename decltype(s_tag)::type;
+    dispatch_bool(amsgrad, [&](auto ams) {
+      dispatch_bool(maximize, [&](auto maxim) {
+        dispatch_weight_decay(wd, [&](auto wd_c) {
+          run_adam<P, G, S, decltype(ams)::value, decltype(maxim)::value, decltype(wd_c)::value,
+                   decltype(is_master)::value>(table, n, lr, beta1, beta2, weight_decay, hyper,
+                                               dev, cu_stream);
+        });
+      });
+    });
+  };
+  if (master) {
+    if (param_dtype != kFloat32 || (grad_dtype != kBFloat16 && grad_dtype != kFloat16))
+      throw std::invalid_argument("pyopt CUDA adam_step: master weights need a float32 master "
+                                  "and a 16-bit grad");
+    dispatch_16bit(grad_dtype, [&](auto g_tag) {
+      go(Tag<float>{}, g_tag, Tag<float>{}, std::true_type{});
+    });
+    return;
+  }
   dispatch_dtype(param_dtype, [&](auto p_tag) {
     dispatch_dtype(state_dtype, [&](auto s_tag) {
       using P = typename decltype(p_tag)::type;
       using S = typename decltype(s_tag)::type;
-      if constexpr (kAdamPairSupported<P, S>) {
-        dispatch_bool(amsgrad, [&](auto ams) {
-          dispatch_bool(maximize, [&](auto maxim) {
-            dispatch_weight_decay(wd, [&](auto wd_c) {
-              run_adam<P, S, decltype(ams)::value, decltype(maxim)::value, decltype(wd_c)::value>(
-                  table, n, lr, beta1, beta2, weight_decay, hyper, dev, cu_stream);
-            });
-          });
-        });
-      }
+      if constexpr (kAdamPairSupported<P, S>) go(p_tag, p_tag, s_tag, std::false_type{});
     });
   });
 }

@@ -24,15 +24,19 @@ from ._state import OptimizerState, ParamState
 def launch(op, backend, params, grads, table, args, grad_inv_scale=1.0, device_inputs=None) -> bool:
     """Run ``<op>_step`` of the native (CPU or CUDA) or numba backend over an
     address table; False for the torch reference, which the caller runs on
-    tensor lists. Only the CPU kernels take the grad dtype and the GradScaler
-    factor (elsewhere the caller has already unscaled). ``device_inputs``:
-    the CUDA kernels' capturable keywords (see FusedOptimizer._device_inputs)."""
+    tensor lists. The CPU kernels take the grad dtype and the GradScaler
+    factor; the CUDA kernels take the grad dtype with master weights (16-bit
+    grads of fp32 masters) and ``device_inputs``: their capturable and
+    GradScaler keywords (see FusedOptimizer._device_inputs)."""
     n = len(params)
     if backend == "native":
         if params[0].is_cuda:
             stream = torch.cuda.current_stream(params[0].device).cuda_stream
+            kw = dict(device_inputs or {})
+            if grads[0].dtype != params[0].dtype:   # fp32 masters, 16-bit grads
+                kw["grad_dtype"] = _checks.DTYPE_CODES[grads[0].dtype]
             getattr(_backends.cuda_module(), f"{op}_step")(table.ctypes.data, n, *args, stream,
-                                                           **(device_inputs or {}))
+                                                           **kw)
         else:
             getattr(_backends.cpu_module(), f"{op}_step")(
                 table.ctypes.data, n, *args, _checks.DTYPE_CODES[grads[0].dtype], grad_inv_scale,
@@ -254,6 +258,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if grad_scale is not None or found_inf is not None:
             amp = self._device_amp(grad_scale, found_inf)
             if amp is None:
+                if self._capturing():
+                    raise RuntimeError(f"{self._NAME}: a CUDA graph can capture a GradScaler step "
+                                       "only with capturable=True on one CUDA device and the "
+                                       "native CUDA backend (else found_inf is read on the host)")
                 inv_scale = self._amp_inv_scale(grad_scale, found_inf)
                 if inv_scale is None:   # found_inf: skip the step, change nothing
                     return loss
@@ -296,6 +304,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 plan = None
             work.append([gi, group, flags, plan, ps, gs])
         if any(w[3] is None for w in work):
+            if self._capturing():
+                raise RuntimeError(f"{self._NAME}: the optimizer state must exist before a CUDA "
+                                   "graph captures the step: run warm-up steps first (and keep "
+                                   "the same .grad tensors), as torch's CUDA-graph recipe does")
             if type(self.state) is not OptimizerState:   # replaced wholesale by the caller
                 self.state = OptimizerState(self.state)
             for w in work:
@@ -303,8 +315,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     w[3] = self._plans[w[0]] = self._build_plan(w[1], w[4], w[5], w[2])
             for plan in self._plans.values():  # builds write state: re-arm every plan
                 plan.state_version = self.state.version
-        if (any(b.device.type == "cuda" for w in work for b in w[3].buckets)
-                and torch.cuda.is_current_stream_capturing()):
+        if self._capturing():
             for gi, group, flags, plan, ps, gs in work:
                 for b in plan.buckets:
                     if not (b.backend == "native" and self._capturable_on(b.device, group)):
@@ -319,25 +330,24 @@ class FusedOptimizer(torch.optim.Optimizer):
                     bps, bgs = ps, gs
                 else:
                     bps, bgs = [ps[i] for i in b.pos], [gs[i] for i in b.pos]
-                # The CPU kernels unscale grads and apply masks inside the
-                # update; other backends get the same result in extra passes.
-                fused = b.backend == "native" and b.device.type == "cpu"
+                # The native kernels (CPU and CUDA) unscale grads, apply
+                # masks and round masters into the params inside the update;
+                # the numba and torch backends get the same result in extra
+                # passes. (amp, read on the device, implies native CUDA.)
+                fused = b.backend == "native"
+                cpu_fused = fused and b.device.type == "cpu"
                 bamp = amp
-                if amp is not None and (b.master or b.masked) and amp[0] is not None:
-                    # Extra passes follow: unscale the real grads first, on the device.
-                    torch._foreach_mul_(bgs, amp[0].double().reciprocal().float())
-                    bamp = (None, amp[1])
-                if inv_scale != 1.0 and not fused:
-                    if (b.backend == "native" and not b.master and not b.masked
-                            and grad_scale.dtype == torch.float32
+                if inv_scale != 1.0 and not cpu_fused:
+                    if (fused and grad_scale.dtype == torch.float32
                             and grad_scale.device == b.device):
                         bamp = (grad_scale, None)   # the CUDA kernel unscales as it reads
                     else:
                         torch._foreach_mul_(bgs, inv_scale)
+                host_inv = inv_scale if cpu_fused else 1.0
                 if not b.master:
-                    self._run(b, bps, bgs, group, inv_scale if fused else 1.0, b.table, bamp)
+                    self._run(b, bps, bgs, group, host_inv, b.table, bamp)
                 elif fused:   # the kernel widens the grads and rounds the masters into the params
-                    self._run(b, b.masters, bgs, group, inv_scale, b.table, bamp)
+                    self._run(b, b.masters, bgs, group, host_inv, b.table, bamp)
                 else:
                     g32 = [g.float() for g in bgs]
                     table = b.table.copy()
@@ -381,6 +391,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{self._NAME}: with capturable=True, {name} must be a float32 "
                                  f"tensor on {dev} (GradScaler's own), got {t.dtype} on {t.device}")
         return grad_scale, found_inf
+
+    def _capturing(self) -> bool:
+        """Whether a CUDA graph is capturing on the current stream (only asked
+        when some param is on CUDA, so CPU steps never touch the CUDA API)."""
+        return (any(g["params"] and g["params"][0].is_cuda for g in self.param_groups)
+                and torch.cuda.is_current_stream_capturing())
 
     @staticmethod
     def _capturable_on(device, group) -> bool:
