@@ -346,9 +346,9 @@ def test_rmsprop_capturable_matches_torch(kw):
                                     ("RMSprop", dict(centered=True, momentum=0.5))])
 @pytest.mark.parametrize("extra", ["plain", "mask", "master"])
 def test_grad_scaler_masks_master_weights_cuda_equal_cpu(cls, kw, extra):
-    # Not capturable: the host reads found_inf; the kernel unscales the grads
-    # (plain), or extra passes do (masks, master weights).
-    dt = torch.bfloat16 if extra == "master" else torch.float32
+    # Not capturable: the host reads found_inf; the CUDA kernel unscales the
+    # grads, applies the masks and rounds the masters, as the CPU kernel does.
+    dt = {"plain": torch.float32, "mask": torch.float16, "master": torch.bfloat16}[extra]
     params = _params(dt, "cpu", sizes=(4097, (33, 65)))
     grads = _grads(params, 6)
     masks = [torch.rand(p.shape, generator=torch.Generator().manual_seed(3)) > 0.3

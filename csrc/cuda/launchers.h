@@ -31,7 +31,9 @@ namespace cuda {
 // grad_dtype (-1: the param dtype) differing from param_dtype means fp32
 // master weights: the param column is the float32 master, the grad is 16-bit
 // grad_dtype, and the row's out column, the 16-bit param, receives the
-// updated master rounded to nearest even, in the same kernel.
+// updated master rounded to nearest even, in the same kernel. (The CPU
+// kernels decide this per row from the out column; here it is per call, and
+// pyopt always passes both consistently.)
 // Throws std::invalid_argument for an unsupported dtype pair and
 // std::runtime_error when no device is usable or a launch fails.
 void adam_step(int64_t table_addr, int64_t n, double lr, double beta1, double beta2, double eps,

@@ -265,7 +265,9 @@ template <typename Op>
 using MetaFor = TensorListMeta<Op::Lists::size, typename Op::PerTensor>;
 
 // Each block walks the launch's chunks blockIdx.x, blockIdx.x + gridDim.x, ...
-// There is no __syncthreads, so warps drift freely across chunk boundaries.
+// The only __syncthreads is in zero_masked, for masked chunks, and the whole
+// block reaches it (every thread works on the same chunk); otherwise warps
+// drift freely across chunk boundaries.
 //
 // __grid_constant__ lets the kernel index the (large) argument struct with a
 // run-time tensor slot straight from the parameter bank instead of first

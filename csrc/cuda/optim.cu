@@ -56,6 +56,16 @@ struct DeviceLr {
   }
 };
 
+// grad * (1/scale). A 16-bit grad without a master is used as the rounded
+// value stored back, as the CPU kernels read it; a master's grad (and fp32)
+// stays unrounded, as on the CPU. Exact (a no-op) when inv_scale is 1.
+template <typename G, bool MASTER>
+__device__ __forceinline__ float unscaled(float g, float inv_scale) {
+  g *= inv_scale;
+  if constexpr (!MASTER && !std::is_same_v<G, float>) g = to_float<G>(from_float<G>(g));
+  return g;
+}
+
 // Per-tensor argument: host-computed scalars, or (capturable) the address of
 // the device step count, already incremented for this step.
 struct AdamTensor {
@@ -114,7 +124,7 @@ struct AdamOp : OpDefaults {
   }
 
   __device__ __forceinline__ void operator()(float (&x)[Lists::size], const AdamChunk& c) const {
-    x[1] *= c.inv_scale;  // exact when 1
+    x[1] = unscaled<G, MASTER>(x[1], c.inv_scale);
     if constexpr (AMSGRAD) {
       adam_math<true, MAXIMIZE, WD>(x[0], x[1], x[2], x[3], x[4], c.h, c.s);
     } else {
@@ -165,7 +175,7 @@ struct SgdOp : OpDefaults {
   }
 
   __device__ __forceinline__ void operator()(float (&x)[Lists::size], const SgdTensor& s) const {
-    x[1] *= s.inv_scale;
+    x[1] = unscaled<G, MASTER>(x[1], s.inv_scale);
     if constexpr (MOM != kNoMomentum) {
       sgd_math<MAXIMIZE, WD, MOM>(x[0], x[1], x[2], s.first != 0, h);
     } else {
@@ -212,7 +222,7 @@ struct RmspropOp : OpDefaults {
     float unused_b = 0.0f, unused_a = 0.0f;
     float& buf = MOM ? x[3] : unused_b;
     float& gavg = CEN ? x[3 + (MOM ? 1 : 0)] : unused_a;
-    x[1] *= c.inv_scale;
+    x[1] = unscaled<G, MASTER>(x[1], c.inv_scale);
     rmsprop_math<MAXIMIZE, WD, CEN, MOM>(x[0], x[1], x[2], gavg, buf, c.h);
     if constexpr (MASTER) x[Lists::size - 1] = x[0];
   }
@@ -286,10 +296,13 @@ void launch_increment_steps(const int64_t* table, int64_t n, int cols, int step_
   }
 }
 
-// The master's 16-bit copy: every row of a MASTER call has one.
-inline void* out_list(const int64_t* row, int col) {
-  if (row[col] == 0) throw std::invalid_argument("pyopt CUDA: master weights without an out column");
-  return from_addr<void>(row[col]);
+// The master's 16-bit copy: every row of a MASTER call has one. Checked for
+// all rows before any step count moves or any kernel is queued.
+inline void check_out_column(const int64_t* table, int64_t n, int cols, int col) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (table[i * cols + col] == 0)
+      throw std::invalid_argument("pyopt CUDA: master weights without an out column");
+  }
 }
 
 template <typename P, typename G, typename S, bool AMSGRAD, bool MAXIMIZE, int WD, bool MASTER>
@@ -297,6 +310,7 @@ void run_adam(const int64_t* table, int64_t n, double lr, double beta1, double b
               double weight_decay, const AdamHyper& hyper, const DeviceInputs& dev,
               cudaStream_t stream) {
   using Op = AdamOp<P, G, S, AMSGRAD, MAXIMIZE, WD, MASTER>;
+  if constexpr (MASTER) check_out_column(table, n, kAdamCols, kAdamOut);
   constexpr int kDepth = Op::Lists::size;
   Op op;
   op.h = hyper;
@@ -336,7 +350,7 @@ void run_adam(const int64_t* table, int64_t n, double lr, double beta1, double b
     ptrs[2] = from_addr<void>(row[kAdamExpAvg]);
     ptrs[3] = from_addr<void>(row[kAdamExpAvgSq]);
     if constexpr (AMSGRAD) ptrs[4] = from_addr<void>(row[kAdamMaxExpAvgSq]);
-    if constexpr (MASTER) ptrs[kDepth - 1] = out_list(row, kAdamOut);
+    if constexpr (MASTER) ptrs[kDepth - 1] = from_addr<void>(row[kAdamOut]);
 
     // numel == 0: step counted, nothing launched
     launcher.add(ptrs, row[kAdamNumel], arg, from_addr<const uint8_t>(row[kAdamMask]));
@@ -348,6 +362,7 @@ template <typename T, typename G, bool MAXIMIZE, bool WD, int MOM, bool MASTER>
 void run_sgd(const int64_t* table, int64_t n, const SgdHyper& h, const DeviceAmp& amp,
              cudaStream_t stream) {
   using Op = SgdOp<T, G, MAXIMIZE, WD, MOM, MASTER>;
+  if constexpr (MASTER) check_out_column(table, n, kSgdCols, kSgdOut);
   Op op;
   op.h = h;
   op.amp = amp;
@@ -358,7 +373,7 @@ void run_sgd(const int64_t* table, int64_t n, const SgdHyper& h, const DeviceAmp
     ptrs[0] = from_addr<void>(row[kSgdParam]);
     ptrs[1] = from_addr<void>(row[kSgdGrad]);
     if constexpr (MOM != kNoMomentum) ptrs[2] = from_addr<void>(row[kSgdMomentum]);
-    if constexpr (MASTER) ptrs[Op::Lists::size - 1] = out_list(row, kSgdOut);
+    if constexpr (MASTER) ptrs[Op::Lists::size - 1] = from_addr<void>(row[kSgdOut]);
     launcher.add(ptrs, row[kSgdNumel], SgdTensor{static_cast<int32_t>(row[kSgdFirst] != 0), 1.0f},
                  from_addr<const uint8_t>(row[kSgdMask]));
   }
@@ -369,6 +384,7 @@ template <typename T, typename G, bool MAXIMIZE, bool WD, bool CEN, bool MOM, bo
 void run_rmsprop(const int64_t* table, int64_t n, const RmspropHyper& h, const DeviceInputs& dev,
                  cudaStream_t stream) {
   using Op = RmspropOp<T, G, MAXIMIZE, WD, CEN, MOM, MASTER>;
+  if constexpr (MASTER) check_out_column(table, n, kRmsCols, kRmsOut);
   Op op;
   op.h = h;
   op.amp = dev.amp;
@@ -385,7 +401,7 @@ void run_rmsprop(const int64_t* table, int64_t n, const RmspropHyper& h, const D
     ptrs[2] = from_addr<void>(row[kRmsSquareAvg]);
     if constexpr (MOM) ptrs[3] = from_addr<void>(row[kRmsMomentum]);
     if constexpr (CEN) ptrs[3 + (MOM ? 1 : 0)] = from_addr<void>(row[kRmsGradAvg]);
-    if constexpr (MASTER) ptrs[Op::Lists::size - 1] = out_list(row, kRmsOut);
+    if constexpr (MASTER) ptrs[Op::Lists::size - 1] = from_addr<void>(row[kRmsOut]);
     launcher.add(ptrs, row[kRmsNumel], NoTensorScalars{0}, from_addr<const uint8_t>(row[kRmsMask]));
   }
   launcher.flush();
