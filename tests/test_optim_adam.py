@@ -95,6 +95,50 @@ def test_backends_agree_bitwise(dtype):
             assert torch.equal(x, y), f"{b} differs from the torch reference"
 
 
+def _step_from_state(backend, t, beta2, amsgrad):
+    """One Adam step from an exp_avg_sq spread over every float exponent (and
+    0 and subnormals), at step count t: the denominator sqrt(v) / bc2_sqrt is
+    where the FMA-built CPU variants divide differently (div_by_const)."""
+    gen = torch.Generator().manual_seed(t)
+    per = 32
+    e = torch.arange(-126, 128).repeat_interleave(per).float()
+    v = torch.ldexp(1 + torch.rand(e.numel(), generator=gen), e)
+    v[:per] = 0
+    v[per:2 * per] = torch.rand(per, generator=gen) * 1e-39
+    p = torch.randn(v.numel(), generator=gen).requires_grad_()
+    opt = pyopt.optim.Adam([p], lr=1e-2, betas=(0.9, beta2), amsgrad=amsgrad, backend=backend)
+    st = {"step": torch.tensor(float(t - 1)), "exp_avg": torch.randn(v.numel(), generator=gen),
+          "exp_avg_sq": v}
+    if amsgrad:
+        st["max_exp_avg_sq"] = v.flip(0)
+    sd = opt.state_dict()
+    sd["state"] = {0: st}
+    opt.load_state_dict(sd)
+    p.grad = torch.randn(v.numel(), generator=gen) * 1e-3
+    opt.step()
+    return p.detach()
+
+
+def test_denominator_bitwise_over_exponents_steps_and_isas():
+    from pyopt import _backends
+    cpu = _backends._load_cpu()[0]
+    isas = [i for i in ("baseline", "avx2", "avx512") if cpu.isa_compiled(i) and cpu.isa_supported(i)]
+    before = cpu.current_isa()
+    try:
+        for t in (1, 2, 3, 10, 1000, 10 ** 6):
+            for beta2 in (0.5, 0.95, 0.999, 0.99999):
+                for amsgrad in (False, True):
+                    ref = _step_from_state("torch", t, beta2, amsgrad)
+                    if "numba" in cpu_backends():
+                        assert torch.equal(_step_from_state("numba", t, beta2, amsgrad), ref)
+                    for isa in isas:
+                        cpu.set_isa(isa)
+                        got = _step_from_state("native", t, beta2, amsgrad)
+                        assert torch.equal(got, ref), (isa, t, beta2, amsgrad)
+    finally:
+        cpu.set_isa(before)
+
+
 def _model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),

@@ -15,18 +15,52 @@ namespace PYOPT_ISA {
 // stay in L1 while the math runs over them.
 constexpr int64_t kBlock = 256;
 
+// A 16-bit block's conversion loops and its math run one after the other, so
+// without help the block's loads wait on memory while the divider idles (1.5x
+// slower than torch's single loop). Prefetching two blocks ahead overlaps them.
+constexpr int64_t kPrefetch = 2 * kBlock;
+
+template <typename T>
+static inline void prefetch_block(const T* x) {
+  const char* c = reinterpret_cast<const char*>(x);
+  for (int64_t b = 0; b < kBlock * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(c + b, 1);
+}
+
 template <typename T>
 constexpr bool is_f32 = std::is_same<T, float>::value;
 
+// GradScaler's unscaling happens in the update loop itself: SC is a template
+// flag so that an unscaled step keeps its loop free of the extra store.
+template <bool SC> struct Scaled { static constexpr bool value = SC; };
+
+template <typename F>
+static void with_scale(float inv_scale, const F& f) {
+  if (inv_scale != 1.0f) f(Scaled<true>{});
+  else f(Scaled<false>{});
+}
+
+// A 16-bit grad block in a float buffer: unscale it, store it back (grads end
+// up unscaled, as in torch) and continue with the rounded stored value.
+template <typename T>
+static void unscale_block(float* buf, T* g, int64_t k, float inv_scale) {
+  for (int64_t i = 0; i < k; ++i) buf[i] *= inv_scale;
+  store_block(buf, g, k);
+  load_block(g, buf, k);
+}
+
 // fp32 params and state: the math runs directly on memory, one pass, which the
 // compiler vectorises (check with -fopt-info-vec).
-template <bool AMS, bool MAX, int WD>
-static void adam_f32(float* __restrict p, const float* __restrict g, float* __restrict m,
-                     float* __restrict v, float* __restrict vm, int64_t n,
-                     const AdamHyper& h, const AdamTensorScalars& s) {
+template <bool AMS, bool MAX, int WD, bool SC>
+static void adam_loop(float* __restrict p, float* __restrict g, float* __restrict m,
+                      float* __restrict v, float* __restrict vm, int64_t n,
+                      const AdamHyper& h, const AdamTensorScalars& s, float inv_scale) {
   for (int64_t i = 0; i < n; ++i) {
-    float pi = p[i], mi = m[i], vi = v[i], vmi = AMS ? vm[i] : 0.0f;
-    adam_math<AMS, MAX, WD>(pi, g[i], mi, vi, vmi, h, s);
+    float pi = p[i], gi = g[i], mi = m[i], vi = v[i], vmi = AMS ? vm[i] : 0.0f;
+    if (SC) {
+      gi = gi * inv_scale;
+      g[i] = gi;
+    }
+    adam_math<AMS, MAX, WD>(pi, gi, mi, vi, vmi, h, s);
     p[i] = pi;
     m[i] = mi;
     v[i] = vi;
@@ -34,17 +68,33 @@ static void adam_f32(float* __restrict p, const float* __restrict g, float* __re
   }
 }
 
+template <bool AMS, bool MAX, int WD>
+static void adam_f32(float* p, float* g, float* m, float* v, float* vm, int64_t n,
+                     const AdamHyper& h, const AdamTensorScalars& s, float inv_scale) {
+  with_scale(inv_scale, [&](auto sc) {
+    adam_loop<AMS, MAX, WD, decltype(sc)::value>(p, g, m, v, vm, n, h, s, inv_scale);
+  });
+}
+
 // 16-bit params and/or state: convert a block to float, run the fp32 kernel
 // on the buffers, round back. State that is already float is used in place.
 template <typename P, typename S, bool AMS, bool MAX, int WD>
-static void adam_blocked(P* p, const P* g, S* m, S* v, S* vm, int64_t n,
-                         const AdamHyper& h, const AdamTensorScalars& s) {
+static void adam_blocked(P* p, P* g, S* m, S* v, S* vm, int64_t n, const AdamHyper& h,
+                         const AdamTensorScalars& s, float inv_scale) {
   alignas(64) float pb[kBlock], gb[kBlock], mb[kBlock], vb[kBlock], vmb[kBlock];
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     const int64_t k = n - i0 < kBlock ? n - i0 : kBlock;
+    if (i0 + kPrefetch < n) {
+      prefetch_block(p + i0 + kPrefetch);
+      prefetch_block(g + i0 + kPrefetch);
+      prefetch_block(m + i0 + kPrefetch);
+      prefetch_block(v + i0 + kPrefetch);
+      if (AMS) prefetch_block(vm + i0 + kPrefetch);
+    }
     float *mp, *vp, *vmp = vmb;
     load_block(p + i0, pb, k);
     load_block(g + i0, gb, k);
+    if (inv_scale != 1.0f) unscale_block(gb, g + i0, k, inv_scale);
     if constexpr (is_f32<S>) {
       mp = m + i0;
       vp = v + i0;
@@ -56,7 +106,7 @@ static void adam_blocked(P* p, const P* g, S* m, S* v, S* vm, int64_t n,
       load_block(v + i0, vb, k);
       if (AMS) load_block(vm + i0, vmb, k);
     }
-    adam_f32<AMS, MAX, WD>(pb, gb, mp, vp, vmp, k, h, s);
+    adam_f32<AMS, MAX, WD>(pb, gb, mp, vp, vmp, k, h, s, 1.0f);
     store_block(pb, p + i0, k);
     if constexpr (!is_f32<S>) {
       store_block(mb, m + i0, k);
@@ -69,20 +119,20 @@ static void adam_blocked(P* p, const P* g, S* m, S* v, S* vm, int64_t n,
 // One table row, elements [off, off + len).
 template <typename P, typename S, bool AMS, bool MAX, int WD>
 static void adam_row(const int64_t* row, int64_t off, int64_t len, const AdamHyper& h,
-                     const AdamTensorScalars& s) {
+                     const AdamTensorScalars& s, float inv_scale) {
   P* p = reinterpret_cast<P*>(row[kAdamParam]) + off;
-  const P* g = reinterpret_cast<const P*>(row[kAdamGrad]) + off;
+  P* g = reinterpret_cast<P*>(row[kAdamGrad]) + off;
   S* m = reinterpret_cast<S*>(row[kAdamExpAvg]) + off;
   S* v = reinterpret_cast<S*>(row[kAdamExpAvgSq]) + off;
   S* vm = AMS ? reinterpret_cast<S*>(row[kAdamMaxExpAvgSq]) + off : nullptr;
   if constexpr (is_f32<P> && is_f32<S>)
-    adam_f32<AMS, MAX, WD>(p, g, m, v, vm, len, h, s);
+    adam_f32<AMS, MAX, WD>(p, g, m, v, vm, len, h, s, inv_scale);
   else
-    adam_blocked<P, S, AMS, MAX, WD>(p, g, m, v, vm, len, h, s);
+    adam_blocked<P, S, AMS, MAX, WD>(p, g, m, v, vm, len, h, s, inv_scale);
 }
 
 using AdamRowFn = void (*)(const int64_t*, int64_t, int64_t, const AdamHyper&,
-                           const AdamTensorScalars&);
+                           const AdamTensorScalars&, float);
 
 template <typename P, typename S, bool AMS, bool MAX>
 static AdamRowFn pick_wd(int wd) {
@@ -110,24 +160,29 @@ static AdamRowFn pick(const AdamCall& c) {
 }
 
 // ------------------------------------------------------ SGD and RMSprop
-// All lists share the param's storage type T. fp32 runs the math on memory;
-// 16-bit storage goes through float blocks. Null lists (no momentum, not
-// centered) are neither read nor written.
+// All lists share the param's storage type T; list 1 is the grad. fp32 runs
+// the math on memory, unscaling in the loop (f gets Scaled<true>); 16-bit
+// storage goes through float blocks, unscaled per block. Null lists (no
+// momentum, not centered) are neither read nor written.
 template <typename T, int NL, unsigned WRITE, typename F>
-static void run_blocked(T* const (&ptr)[NL], int64_t n, const F& f) {
+static void run_blocked(T* const (&ptr)[NL], int64_t n, float inv_scale, const F& f) {
   if constexpr (is_f32<T>) {
     float* x[NL];
     for (int l = 0; l < NL; ++l) x[l] = ptr[l];
-    f(x, n);
+    with_scale(inv_scale, [&](auto sc) { f(x, n, sc); });
   } else {
     alignas(64) float buf[NL][kBlock];
     float* x[NL];
     for (int l = 0; l < NL; ++l) x[l] = buf[l];
     for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
       const int64_t k = n - i0 < kBlock ? n - i0 : kBlock;
+      if (i0 + kPrefetch < n)
+        for (int l = 0; l < NL; ++l)
+          if (ptr[l] != nullptr) prefetch_block(ptr[l] + i0 + kPrefetch);
       for (int l = 0; l < NL; ++l)
         if (ptr[l] != nullptr) load_block(ptr[l] + i0, buf[l], k);
-      f(x, k);
+      if (inv_scale != 1.0f) unscale_block(buf[1], ptr[1] + i0, k, inv_scale);
+      f(x, k, Scaled<false>{});
       for (int l = 0; l < NL; ++l)
         if (((WRITE >> l) & 1u) && ptr[l] != nullptr) store_block(buf[l], ptr[l] + i0, k);
     }
@@ -158,7 +213,8 @@ static void for_each_row(const int64_t* table, int cols, int64_t n, const int64_
 
 // What happens around the update of each row, for every optimizer, on chunks
 // that stay in L1/L2 between passes (so none costs a trip to memory):
-//  - GradScaler: grads are multiplied by 1/scale in place first;
+//  - GradScaler: the update kernels unscale the grads as they read them
+//    (fn's last argument, 1/scale); with a master, here, as the grad is widened;
 //  - fp32 master weights (the row's out column is set): list 0 is the fp32
 //    master, the 16-bit grad is widened into a buffer, and the update's
 //    result is rounded into the 16-bit param;
@@ -214,7 +270,7 @@ static void run_rows(const int64_t* table, int64_t n, const int64_t* offsets, in
     const uint8_t* mask = reinterpret_cast<const uint8_t*>(row[x.mask_col]);
     const bool scale = x.inv_scale != 1.0f;
     const bool master = row[x.out_col] != 0;
-    if (!scale && mask == nullptr && !master) return fn(row, off, len, t);
+    if (mask == nullptr && !master) return fn(row, off, len, t, x.inv_scale);
     alignas(64) float gbuf[kChunk];
     int64_t r[kMaxCols];
     for (int64_t c = off; c < off + len; c += kChunk) {
@@ -234,12 +290,8 @@ static void run_rows(const int64_t* table, int64_t n, const int64_t* offsets, in
         r[1] = reinterpret_cast<int64_t>(gbuf);
         use = r;
         at = 0;
-      } else if (scale) {
-        widen_any(x.grad_dtype, row[1], c, k, gbuf);
-        for (int64_t i = 0; i < k; ++i) gbuf[i] *= x.inv_scale;
-        narrow_any(x.grad_dtype, gbuf, row[1], c, k);
       }
-      fn(use, at, k, t);
+      fn(use, at, k, t, master ? 1.0f : x.inv_scale);
       if (master) narrow_any(x.grad_dtype, reinterpret_cast<const float*>(row[0]) + c,
                              row[x.out_col], c, k);
       if (mask == nullptr) continue;
@@ -254,17 +306,22 @@ static void run_rows(const int64_t* table, int64_t n, const int64_t* offsets, in
 }
 
 template <typename T, bool MAX, bool WD, int MOM>
-static void sgd_row(const int64_t* row, int64_t off, int64_t len, const SgdHyper& h) {
+static void sgd_row(const int64_t* row, int64_t off, int64_t len, const SgdHyper& h,
+                    float inv_scale) {
   T* const ptr[3] = {list_at<T>(row, kSgdParam, off), list_at<T>(row, kSgdGrad, off),
                      MOM != kNoMomentum ? list_at<T>(row, kSgdMomentum, off) : nullptr};
   const bool first = row[kSgdFirst] != 0;
-  run_blocked<T, 3, 0b101u>(ptr, len, [&](float* const* x, int64_t k) {
+  run_blocked<T, 3, 0b101u>(ptr, len, inv_scale, [&](float* const* x, int64_t k, auto sc) {
     float* __restrict p = x[0];
-    const float* __restrict g = x[1];
+    float* __restrict g = x[1];
     float* __restrict b = x[2];
     for (int64_t i = 0; i < k; ++i) {
-      float pi = p[i], bi = MOM != kNoMomentum ? b[i] : 0.0f;
-      sgd_math<MAX, WD, MOM>(pi, g[i], bi, first, h);
+      float pi = p[i], gi = g[i], bi = MOM != kNoMomentum ? b[i] : 0.0f;
+      if (decltype(sc)::value) {
+        gi = gi * inv_scale;
+        g[i] = gi;
+      }
+      sgd_math<MAX, WD, MOM>(pi, gi, bi, first, h);
       p[i] = pi;
       if (MOM != kNoMomentum) b[i] = bi;
     }
@@ -272,20 +329,25 @@ static void sgd_row(const int64_t* row, int64_t off, int64_t len, const SgdHyper
 }
 
 template <typename T, bool MAX, bool WD, bool CEN, bool MOM>
-static void rmsprop_row(const int64_t* row, int64_t off, int64_t len, const RmspropHyper& h) {
+static void rmsprop_row(const int64_t* row, int64_t off, int64_t len, const RmspropHyper& h,
+                        float inv_scale) {
   T* const ptr[5] = {list_at<T>(row, kRmsParam, off), list_at<T>(row, kRmsGrad, off),
                      list_at<T>(row, kRmsSquareAvg, off),
                      MOM ? list_at<T>(row, kRmsMomentum, off) : nullptr,
                      CEN ? list_at<T>(row, kRmsGradAvg, off) : nullptr};
-  run_blocked<T, 5, 0b11101u>(ptr, len, [&](float* const* x, int64_t k) {
+  run_blocked<T, 5, 0b11101u>(ptr, len, inv_scale, [&](float* const* x, int64_t k, auto sc) {
     float* __restrict p = x[0];
-    const float* __restrict g = x[1];
+    float* __restrict g = x[1];
     float* __restrict sq = x[2];
     float* __restrict b = x[3];
     float* __restrict ga = x[4];
     for (int64_t i = 0; i < k; ++i) {
-      float pi = p[i], si = sq[i], bi = MOM ? b[i] : 0.0f, gi = CEN ? ga[i] : 0.0f;
-      rmsprop_math<MAX, WD, CEN, MOM>(pi, g[i], si, gi, bi, h);
+      float pi = p[i], gr = g[i], si = sq[i], bi = MOM ? b[i] : 0.0f, gi = CEN ? ga[i] : 0.0f;
+      if (decltype(sc)::value) {
+        gr = gr * inv_scale;
+        g[i] = gr;
+      }
+      rmsprop_math<MAX, WD, CEN, MOM>(pi, gr, si, gi, bi, h);
       p[i] = pi;
       sq[i] = si;
       if (MOM) b[i] = bi;
@@ -303,8 +365,8 @@ static void sgd_dispatch(const SgdCall& c, int64_t begin, int64_t end) {
                    c.grad_inv_scale};
   const auto go = [&](auto fn) {
     run_rows(c.table, c.n, c.offsets, begin, end, x,
-             [&](const int64_t* row, int64_t off, int64_t len, int64_t) {
-               fn(row, off, len, c.hyper);
+             [&](const int64_t* row, int64_t off, int64_t len, int64_t, float inv_scale) {
+               fn(row, off, len, c.hyper, inv_scale);
              });
   };
 #define PYOPT_SGD(MAX, WD, MOM)                                             \
@@ -326,8 +388,8 @@ static void rmsprop_dispatch(const RmspropCall& c, int64_t begin, int64_t end) {
                    c.grad_inv_scale};
   const auto go = [&](auto fn) {
     run_rows(c.table, c.n, c.offsets, begin, end, x,
-             [&](const int64_t* row, int64_t off, int64_t len, int64_t) {
-               fn(row, off, len, c.hyper);
+             [&](const int64_t* row, int64_t off, int64_t len, int64_t, float inv_scale) {
+               fn(row, off, len, c.hyper, inv_scale);
              });
   };
 #define PYOPT_RMS(MAX, WD, CEN, MOM)                                                     \
@@ -446,8 +508,9 @@ void PYOPT_CAT(adam_range, PYOPT_ISA)(const AdamCall& c, int64_t begin, int64_t 
   const PYOPT_ISA::RowExtras x{kAdamCols, kAdamMask, kAdamOut, 5, {pe, pe, se, se, se},
                                c.grad_dtype, c.grad_inv_scale};
   PYOPT_ISA::run_rows(c.table, c.n, c.offsets, begin, end, x,
-                      [&](const int64_t* row, int64_t off, int64_t len, int64_t t) {
-    fn(row, off, len, c.hyper, c.scalars[t]);
+                      [&](const int64_t* row, int64_t off, int64_t len, int64_t t,
+                          float inv_scale) {
+    fn(row, off, len, c.hyper, c.scalars[t], inv_scale);
   });
 }
 
