@@ -101,6 +101,14 @@ PYBIND11_MODULE(_C, m) {
      "on the avx512 variant, for K a multiple of 64; reason says why not.");
   m.def("set_amx", &pyopt::quant_amx_enable, py::arg("enabled"),
         "Turn the AMX quant kernels on or off for this process (tests, comparisons).");
+  m.def("bf16_convert_status", [] {
+    const char* why = nullptr;
+    const bool ok = pyopt::bf16_convert_available(&why);
+    return py::make_tuple(ok, why ? py::cast(std::string(why)) : py::none());
+  }, "(usable, reason): whether the avx512 variant's bf16 Adam step runs in one pass with "
+     "vcvtneps2bf16 (AVX512_BF16); reason says why not.");
+  m.def("set_bf16_convert", &pyopt::bf16_convert_enable, py::arg("enabled"),
+        "Turn the one-pass AVX512_BF16 Adam step on or off for this process (tests, comparisons).");
   m.def("build_info", &build_info);
   m.def("isa_compiled", [](const std::string& s) { return pyopt::isa_compiled(parse_isa(s)); });
   m.def("isa_supported", [](const std::string& s) { return pyopt::isa_supported(parse_isa(s)); });

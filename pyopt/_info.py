@@ -31,6 +31,10 @@ def info() -> dict:
         if ok and cpu.current_isa() != "avx512":
             ok, why = False, f"needs the avx512 variant, {cpu.current_isa()} is in use"
         d["quant_amx"] = {"used": ok, "reason": why}
+        ok, why = cpu.bf16_convert_status()
+        if ok and cpu.current_isa() != "avx512":
+            ok, why = False, f"needs the avx512 variant, {cpu.current_isa()} is in use"
+        d["bf16_adam"] = {"one_pass": ok, "reason": why}
     else:
         d["cpu_module"] = {"built": False, "reason": cpu_reason}
         d["cpu_isa"] = {"in_use": None, "reason": cpu_reason}
@@ -83,6 +87,10 @@ def format_info(d: dict) -> str:
             "int8 and bf16 tiles at batch >= 16 when in_features (and the group) "
             "is a multiple of 64; other shapes run the ISA kernels" if a["used"]
             else f"not used ({a['reason']}); quantized layers run the {isa['in_use']} kernels"))
+        b16 = d["bf16_adam"]
+        lines.append("bf16 Adam:    " + (
+            "one pass with AVX512_BF16 rounding (bf16 params and state)" if b16["one_pass"]
+            else f"blocked path with integer rounding ({b16['reason']}); same results, slower"))
     else:
         lines.append(f"CPU module:   unavailable: {c['reason']}")
     g = d["cuda_module"]

@@ -139,6 +139,106 @@ def test_denominator_bitwise_over_exponents_steps_and_isas():
         cpu.set_isa(before)
 
 
+BF16_SPECIALS = [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0,
+                 1e-39, -3e-40, 9e-41, 3.3e38, -3.3e38, 1e-30]
+
+
+def _bf16_case(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def t(scale=1.0):
+        x = torch.randn(n, generator=gen) * scale
+        idx = torch.randint(0, n, (max(1, n // 8),), generator=gen)
+        x[idx] = torch.tensor(BF16_SPECIALS)[torch.randint(0, len(BF16_SPECIALS), idx.shape,
+                                                           generator=gen)]
+        return x.bfloat16()
+    p = t()
+    grads = [t() for _ in range(4)]
+    state = {"step": torch.tensor(3.0), "exp_avg": t(0.1), "exp_avg_sq": t(0.01).abs()}
+    return p, grads, state
+
+
+def _bf16_run(p, grads, state, scale, l2=False, **kw):
+    ps = [p.clone().requires_grad_()]
+    opt = (pyopt.optim.Adam if l2 else pyopt.optim.AdamW)(ps, **kw)
+    sd = opt.state_dict()
+    st = {k: v.clone() for k, v in state.items()}
+    if kw.get("amsgrad"):
+        st["max_exp_avg_sq"] = state["exp_avg_sq"].flip(0).clone()
+    sd["state"] = {0: st}
+    opt.load_state_dict(sd)
+    seen = []
+    for g in grads:
+        ps[0].grad = g.clone()
+        if scale is not None:
+            opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
+        opt.step()
+        seen.append(ps[0].grad.clone())
+    return [ps[0].detach()] + [opt.state[ps[0]][k] for k in sorted(st) if k != "step"] + seen
+
+
+BF16_OPTIONS = {
+    "default": {},
+    "amsgrad-l2": {"amsgrad": True, "weight_decay": 0.1, "l2": True},
+    "maximize-wd": {"maximize": True, "weight_decay": 0.1},
+    "lerp-high-side": {"betas": (0.3, 0.5), "eps": 1e-3, "amsgrad": True},
+    "eps0": {"eps": 0.0},
+}
+
+
+@pytest.mark.parametrize("scale", [None, 8.0, 3.0], ids=["unscaled", "scale8", "scale3"])
+@pytest.mark.parametrize("option", list(BF16_OPTIONS))
+def test_bf16_one_pass_step_is_bitwise_the_blocked_step(option, scale):
+    """The avx512 variant's one-pass bf16 step (vcvtneps2bf16 rounding) against
+    the blocked step and the torch reference: every length up to 40 and 4099
+    (masked tails), NaN of both signs, infinities, bf16 subnormals, values that
+    round to inf, a grad scale."""
+    from pyopt import _backends
+    cpu = _backends._load_cpu()[0]
+    one_pass, why = cpu.bf16_convert_status()
+    kw = dict(BF16_OPTIONS[option], lr=1e-2)
+    try:
+        for n in list(range(1, 41)) + [4099]:
+            case = _bf16_case(n, seed=n)
+            ref = _bf16_run(*case, scale, backend="torch", **kw)
+            out = {}
+            for on in (True, False):
+                cpu.set_bf16_convert(on)
+                out[on] = _bf16_run(*case, scale, backend="native", **kw)
+                if scale == 3.0:
+                    continue  # the reference unscales with torch's bf16 mul, a last-bit
+                    # apart from g * fp32(1/3); GradScaler's scales are powers of two
+                # torch rounds a NaN to 0x7fc0 or 0xffff depending on the path
+                # (c10 scalar or ATen vectorised); native always to 0x7fc0
+                for a, b in zip(out[on], ref):
+                    assert a.isnan().equal(b.isnan()), (n, on)
+                    keep = ~a.isnan()
+                    assert a[keep].view(torch.int16).equal(b[keep].view(torch.int16)), (n, on)
+            for a, b in zip(out[True], out[False]):
+                assert a.view(torch.int16).equal(b.view(torch.int16)), n
+    finally:
+        cpu.set_bf16_convert(True)
+    if not one_pass:
+        pytest.skip(f"only the blocked step ran here: {why}")
+
+
+def test_info_names_the_bf16_adam_path():
+    from pyopt import _backends, _info
+    cpu = _backends._load_cpu()[0]
+    ok, why = cpu.bf16_convert_status()
+    d = _info.info()["bf16_adam"]
+    assert d["one_pass"] == (ok and cpu.current_isa() == "avx512")
+    assert d["one_pass"] or d["reason"]
+    try:
+        cpu.set_bf16_convert(False)
+        d = _info.info()["bf16_adam"]
+        assert d["one_pass"] is False and d["reason"]
+        if ok:  # the CPU has it: the reason is the switch
+            assert "disabled" in d["reason"]
+    finally:
+        cpu.set_bf16_convert(True)
+
+
 def _model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),

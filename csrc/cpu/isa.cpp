@@ -26,7 +26,7 @@ unsigned long long xgetbv0() {
 }
 #endif
 
-struct X86Features { bool avx2 = false, avx512 = false; };
+struct X86Features { bool avx2 = false, avx512 = false, avx512bf16 = false; };
 
 X86Features detect() {
   X86Features f;
@@ -50,6 +50,10 @@ X86Features detect() {
   // the avx2 variant is also built with POPCNT/BMI1/BMI2 (every AVX2 CPU has them)
   f.avx2 = os_avx && avx2 && fma && f16c && popcnt && bmi1 && bmi2;
   f.avx512 = f.avx2 && os_avx512 && avx512f && avx512dq && avx512bw && avx512vl && avx512vnni;
+  if (r[0] >= 1) {  // leaf 7's highest subleaf
+    cpuid(7, 1, r);
+    f.avx512bf16 = f.avx512 && ((r[0] >> 5) & 1);
+  }
   return f;
 }
 #endif
@@ -109,5 +113,24 @@ Isa current_isa() {
 }
 
 void set_isa(Isa isa) { g_isa.store(static_cast<int>(isa), std::memory_order_relaxed); }
+
+namespace {
+std::atomic<bool> g_bf16_on{true};
+}
+
+bool bf16_convert_available(const char** why) {
+  const char* no = nullptr;
+#if defined(PYOPT_HAVE_X86_VARIANTS) && defined(PYOPT_HAVE_AVX512BF16)
+  static const X86Features f = detect();
+  if (!f.avx512bf16) no = "this CPU lacks AVX512_BF16";
+  else if (!g_bf16_on.load(std::memory_order_relaxed)) no = "disabled (pyopt._C.set_bf16_convert(False))";
+#else
+  no = "not compiled (the compiler lacks -mavx512bf16, or not an x86 build)";
+#endif
+  if (why) *why = no;
+  return no == nullptr;
+}
+
+void bf16_convert_enable(bool on) { g_bf16_on.store(on, std::memory_order_relaxed); }
 
 }  // namespace pyopt
