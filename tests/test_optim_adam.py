@@ -155,6 +155,10 @@ def _bf16_case(n, seed):
     p = t()
     grads = [t() for _ in range(4)]
     state = {"step": torch.tensor(3.0), "exp_avg": t(0.1), "exp_avg_sq": t(0.01).abs()}
+    # a +0 grad on a -0 exp_avg: with maximize, -g and 0 - g differ in sign
+    p[0], state["exp_avg"][0] = -0.0, -0.0
+    for g in grads:
+        g[0] = 0.0
     return p, grads, state
 
 
@@ -182,6 +186,7 @@ BF16_OPTIONS = {
     "amsgrad-l2": {"amsgrad": True, "weight_decay": 0.1, "l2": True},
     "maximize-wd": {"maximize": True, "weight_decay": 0.1},
     "lerp-high-side": {"betas": (0.3, 0.5), "eps": 1e-3, "amsgrad": True},
+    "maximize-high-side": {"maximize": True, "betas": (0.3, 0.5)},  # -g keeps a zero's sign
     "eps0": {"eps": 0.0},
 }
 
@@ -220,6 +225,42 @@ def test_bf16_one_pass_step_is_bitwise_the_blocked_step(option, scale):
         cpu.set_bf16_convert(True)
     if not one_pass:
         pytest.skip(f"only the blocked step ran here: {why}")
+
+
+def test_bf16_one_pass_step_under_flush_denormal():
+    """torch.set_flush_denormal sets MXCSR.DAZ, under which vfpclassps stops
+    seeing subnormals; the one-pass step must still round them as the blocked
+    step does (a max_exp_avg_sq of subnormals is kept as is by amsgrad)."""
+    from pyopt import _backends
+    cpu = _backends._load_cpu()[0]
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-denormal mode")
+    try:
+        for n in (1, 16, 37):
+            p = torch.randn(n).bfloat16()
+            grads = [torch.zeros(n).bfloat16() for _ in range(3)]
+            # a bf16 subnormal, made from its bits (a conversion would flush it now)
+            tiny = torch.full((n,), 0x0040, dtype=torch.int16).view(torch.bfloat16)
+            state = {"step": torch.tensor(3.0), "exp_avg": torch.zeros(n).bfloat16(),
+                     "exp_avg_sq": torch.zeros(n).bfloat16()}
+            out = {}
+            for on in (True, False):
+                cpu.set_bf16_convert(on)
+                ps = [p.clone().requires_grad_()]
+                opt = pyopt.optim.AdamW(ps, lr=1e-2, amsgrad=True)
+                sd = opt.state_dict()
+                sd["state"] = {0: dict({k: v.clone() for k, v in state.items()},
+                                       max_exp_avg_sq=tiny.clone())}
+                opt.load_state_dict(sd)
+                for g in grads:
+                    ps[0].grad = g.clone()
+                    opt.step()
+                out[on] = opt.state[ps[0]]["max_exp_avg_sq"].view(torch.int16)
+            assert out[True].equal(out[False]), n
+            assert out[False].eq(tiny.view(torch.int16)).all(), n
+    finally:
+        torch.set_flush_denormal(False)
+        cpu.set_bf16_convert(True)
 
 
 def test_info_names_the_bf16_adam_path():

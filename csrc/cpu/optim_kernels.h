@@ -130,7 +130,15 @@ static inline __m512 load(const bf16* x, __mmask16 k) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(
       _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, x)), 16));
 }
-static inline bool plain(__m512 x) { return _mm512_fpclass_ps_mask(x, 0x01 | 0x20 | 0x80) == 0; }
+// No lane of k is NaN or subnormal. Integer compares on the bits: vfpclassps
+// would follow MXCSR.DAZ (torch.set_flush_denormal) and miss subnormals.
+static inline bool plain(__m512 x, __mmask16 k) {
+  const __m512i a = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
+  const __mmask16 sub = _mm512_mask_cmplt_epu32_mask(k, _mm512_sub_epi32(a, _mm512_set1_epi32(1)),
+                                                     _mm512_set1_epi32(0x007fffff));
+  const __mmask16 nan = _mm512_mask_cmpgt_epu32_mask(k, a, _mm512_set1_epi32(0x7f800000));
+  return (sub | nan) == 0;
+}
 static inline void store(bf16* x, __m512 v, __mmask16 k, bool fast) {
   if (fast) {
     _mm256_mask_storeu_epi16(x, k, (__m256i)_mm512_cvtneps_pbh(v));
@@ -165,10 +173,10 @@ static void adam_bf16_loop(bf16* p, bf16* g, bf16* m, bf16* v, bf16* vm, int64_t
     __m512 P = load(p + i, k), G = load(g + i, k), M = load(m + i, k), V = load(v + i, k);
     if (SC) {  // unscale, store the grad, and go on with its rounded value
       G = _mm512_mul_ps(G, inv);
-      store(g + i, G, k, plain(G));
+      store(g + i, G, k, plain(G, k));
       G = load(g + i, k);
     }
-    if (MAX) G = _mm512_sub_ps(_mm512_setzero_ps(), G);
+    if (MAX) G = _mm512_xor_ps(G, _mm512_set1_ps(-0.0f));  // -g, not 0 - g: the sign of a zero
     if (WD == kL2) G = _mm512_add_ps(G, _mm512_mul_ps(wd, P));
     if (WD == kDecoupled) P = _mm512_mul_ps(P, decay);
     const __m512 d = _mm512_sub_ps(G, M);
@@ -188,7 +196,7 @@ static void adam_bf16_loop(bf16* p, bf16* g, bf16* m, bf16* v, bf16* vm, int64_t
     r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);
     const __m512 denom = _mm512_add_ps(_mm512_fmadd_ps(r, rc, q), eps);
     P = _mm512_add_ps(P, _mm512_mul_ps(nss, _mm512_div_ps(M, denom)));
-    const bool fast = plain(P) && plain(M) && plain(V) && (!AMS || plain(VM));
+    const bool fast = plain(P, k) && plain(M, k) && plain(V, k) && (!AMS || plain(VM, k));
     store(p + i, P, k, fast);
     store(m + i, M, k, fast);
     store(v + i, V, k, fast);
