@@ -27,6 +27,13 @@ pyopt::Isa parse_isa(const std::string& name) {
   return isa;
 }
 
+// (usable, reason) of an optional fast path: available(&why) fills why when not.
+py::tuple status(bool (*available)(const char**)) {
+  const char* why = nullptr;
+  const bool ok = available(&why);
+  return py::make_tuple(ok, why ? py::cast(std::string(why)) : py::none());
+}
+
 py::dict build_info() {
   py::dict d;
   d["version"] = PYOPT_VERSION_INFO;
@@ -93,19 +100,11 @@ PYBIND11_MODULE(_C, m) {
         "2 packed uint4; G groups per row; pyopt/quant/formats.py). act 0: float activations, "
         "1: per-token int8 activations and integer dot products. offset/bias == 0: none.");
 
-  m.def("amx_status", [] {
-    const char* why = nullptr;
-    const bool ok = pyopt::quant_amx_available(&why);
-    return py::make_tuple(ok, why ? py::cast(std::string(why)) : py::none());
-  }, "(usable, reason): whether the quant kernels take AMX tiles at batch >= 16, "
+  m.def("amx_status", [] { return status(pyopt::quant_amx_available); }, "(usable, reason): whether the quant kernels take AMX tiles at batch >= 16, "
      "on the avx512 variant, for K a multiple of 64; reason says why not.");
   m.def("set_amx", &pyopt::quant_amx_enable, py::arg("enabled"),
         "Turn the AMX quant kernels on or off for this process (tests, comparisons).");
-  m.def("bf16_convert_status", [] {
-    const char* why = nullptr;
-    const bool ok = pyopt::bf16_convert_available(&why);
-    return py::make_tuple(ok, why ? py::cast(std::string(why)) : py::none());
-  }, "(usable, reason): whether the avx512 variant's bf16 Adam step runs in one pass with "
+  m.def("bf16_convert_status", [] { return status(pyopt::bf16_convert_available); }, "(usable, reason): whether the avx512 variant's bf16 Adam step runs in one pass with "
      "vcvtneps2bf16 (AVX512_BF16); reason says why not.");
   m.def("set_bf16_convert", &pyopt::bf16_convert_enable, py::arg("enabled"),
         "Turn the one-pass AVX512_BF16 Adam step on or off for this process (tests, comparisons).");

@@ -56,6 +56,10 @@ X86Features detect() {
   }
   return f;
 }
+const X86Features& features() {
+  static const X86Features f = detect();
+  return f;
+}
 #endif
 
 std::atomic<int> g_isa{-1};
@@ -90,8 +94,7 @@ bool isa_compiled(Isa isa) {
 bool isa_supported(Isa isa) {
   if (isa == Isa::kBaseline) return true;
 #if defined(PYOPT_HAVE_X86_VARIANTS)
-  static const X86Features f = detect();
-  return isa == Isa::kAVX512 ? f.avx512 : f.avx2;
+  return isa == Isa::kAVX512 ? features().avx512 : features().avx2;
 #else
   return false;
 #endif
@@ -121,8 +124,7 @@ std::atomic<bool> g_bf16_on{true};
 bool bf16_convert_available(const char** why) {
   const char* no = nullptr;
 #if defined(PYOPT_HAVE_X86_VARIANTS) && defined(PYOPT_HAVE_AVX512BF16)
-  static const X86Features f = detect();
-  if (!f.avx512bf16) no = "this CPU lacks AVX512_BF16";
+  if (!features().avx512bf16) no = "this CPU lacks AVX512_BF16";
   else if (!g_bf16_on.load(std::memory_order_relaxed)) no = "disabled (pyopt._C.set_bf16_convert(False))";
 #else
   no = "not compiled (the compiler lacks -mavx512bf16, or not an x86 build)";
