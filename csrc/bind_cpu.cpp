@@ -105,7 +105,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_amx", &pyopt::quant_amx_enable, py::arg("enabled"),
         "Turn the AMX quant kernels on or off for this process (tests, comparisons).");
   m.def("bf16_convert_status", [] { return status(pyopt::bf16_convert_available); }, "(usable, reason): whether the avx512 variant's bf16 Adam step runs in one pass with "
-     "vcvtneps2bf16 (AVX512_BF16); reason says why not.");
+     "vcvtne2ps2bf16 (AVX512_BF16) in the calling thread; reason says why not.");
   m.def("set_bf16_convert", &pyopt::bf16_convert_enable, py::arg("enabled"),
         "Turn the one-pass AVX512_BF16 Adam step on or off for this process (tests, comparisons).");
   m.def("build_info", &build_info);

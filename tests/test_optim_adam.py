@@ -195,15 +195,15 @@ BF16_OPTIONS = {
 @pytest.mark.parametrize("option", list(BF16_OPTIONS))
 def test_bf16_one_pass_step_is_bitwise_the_blocked_step(option, scale):
     """The avx512 variant's one-pass bf16 step (vcvtneps2bf16 rounding) against
-    the blocked step and the torch reference: every length up to 40 and 4099
-    (masked tails), NaN of both signs, infinities, bf16 subnormals, values that
+    the blocked step and the torch reference: every length up to 40, 4099
+    (masked tails) and 70001 (two threads), NaN of both signs, infinities, bf16 subnormals, values that
     round to inf, a grad scale."""
     from pyopt import _backends
     cpu = _backends._load_cpu()[0]
     one_pass, why = cpu.bf16_convert_status()
     kw = dict(BF16_OPTIONS[option], lr=1e-2)
     try:
-        for n in list(range(1, 41)) + [4099]:
+        for n in list(range(1, 41)) + [4099, 70001]:
             case = _bf16_case(n, seed=n)
             ref = _bf16_run(*case, scale, backend="torch", **kw)
             out = {}
@@ -228,14 +228,19 @@ def test_bf16_one_pass_step_is_bitwise_the_blocked_step(option, scale):
 
 
 def test_bf16_one_pass_step_under_flush_denormal():
-    """torch.set_flush_denormal sets MXCSR.DAZ, under which vfpclassps stops
-    seeing subnormals; the one-pass step must still round them as the blocked
-    step does (a max_exp_avg_sq of subnormals is kept as is by amsgrad)."""
+    """torch.set_flush_denormal sets MXCSR.DAZ, under which the SDM has
+    vfpclassps read subnormals as zero: the thread must say so and take the
+    blocked step, which rounds them as without DAZ (a max_exp_avg_sq of
+    subnormals is kept as is by amsgrad)."""
     from pyopt import _backends
     cpu = _backends._load_cpu()[0]
+    had_one_pass = cpu.bf16_convert_status()[0]
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU has no flush-denormal mode")
     try:
+        ok, why = cpu.bf16_convert_status()
+        if had_one_pass:
+            assert not ok and "DAZ" in why
         for n in (1, 16, 37):
             p = torch.randn(n).bfloat16()
             grads = [torch.zeros(n).bfloat16() for _ in range(3)]
@@ -261,6 +266,7 @@ def test_bf16_one_pass_step_under_flush_denormal():
     finally:
         torch.set_flush_denormal(False)
         cpu.set_bf16_convert(True)
+    assert cpu.bf16_convert_status()[0] == had_one_pass
 
 
 def test_info_names_the_bf16_adam_path():

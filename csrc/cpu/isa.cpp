@@ -5,6 +5,8 @@
 #if defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86))
 #include <immintrin.h>
 #include <intrin.h>
+#elif defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>  // _mm_getcsr
 #endif
 
 namespace pyopt {
@@ -126,6 +128,11 @@ bool bf16_convert_available(const char** why) {
 #if defined(PYOPT_HAVE_X86_VARIANTS) && defined(PYOPT_HAVE_AVX512BF16)
   if (!features().avx512bf16) no = "this CPU lacks AVX512_BF16";
   else if (!g_bf16_on.load(std::memory_order_relaxed)) no = "disabled (pyopt._C.set_bf16_convert(False))";
+  // The step finds subnormals with vfpclassps, which the SDM has read them as
+  // zero under DAZ. MXCSR is per thread: each kernel thread asks for itself.
+  else if (_mm_getcsr() & 0x0040)
+    no = "MXCSR.DAZ is set in this thread (torch.set_flush_denormal(True)), under which "
+         "vfpclassps reads subnormals as zero; the blocked step runs";
 #else
   no = "not compiled (the compiler lacks -mavx512bf16, or not an x86 build)";
 #endif

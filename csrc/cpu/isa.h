@@ -18,10 +18,11 @@ Isa best_isa();
 Isa current_isa();
 void set_isa(Isa isa);  // caller checks isa_compiled && isa_supported
 
-// AVX512_BF16's vcvtneps2bf16 rounds 16 floats to bf16 in one instruction.
+// AVX512_BF16's vcvtne2ps2bf16 rounds 32 floats to bf16 in one instruction.
 // The avx512 variant's bf16 Adam step uses it where the build has
-// -mavx512bf16, the CPU reports it and it is enabled; elsewhere the blocked
-// step with integer rounding runs (same bits, slower).
+// -mavx512bf16, the CPU reports it, it is enabled and the calling thread's
+// MXCSR.DAZ is clear; elsewhere the blocked step with integer rounding runs
+// (same bits, slower).
 bool bf16_convert_available(const char** why);
 void bf16_convert_enable(bool on);  // tests and comparisons
 
