@@ -194,7 +194,7 @@ BF16_OPTIONS = {
 @pytest.mark.parametrize("scale", [None, 8.0, 3.0], ids=["unscaled", "scale8", "scale3"])
 @pytest.mark.parametrize("option", list(BF16_OPTIONS))
 def test_bf16_one_pass_step_is_bitwise_the_blocked_step(option, scale):
-    """The avx512 variant's one-pass bf16 step (vcvtneps2bf16 rounding) against
+    """The avx512 variant's one-pass bf16 step (vcvtne2ps2bf16 rounding) against
     the blocked step and the torch reference: every length up to 40, 4099
     (masked tails) and 70001 (two threads), NaN of both signs, infinities, bf16 subnormals, values that
     round to inf, a grad scale."""

@@ -128,8 +128,9 @@ bool bf16_convert_available(const char** why) {
 #if defined(PYOPT_HAVE_X86_VARIANTS) && defined(PYOPT_HAVE_AVX512BF16)
   if (!features().avx512bf16) no = "this CPU lacks AVX512_BF16";
   else if (!g_bf16_on.load(std::memory_order_relaxed)) no = "disabled (pyopt._C.set_bf16_convert(False))";
-  // The step finds subnormals with vfpclassps, which the SDM has read them as
-  // zero under DAZ. MXCSR is per thread: each kernel thread asks for itself.
+  // The step finds subnormals with vfpclassps, which reads them as zero under
+  // DAZ (SDM, and measured here). MXCSR is per thread: each kernel thread asks
+  // for itself, and an OpenMP worker keeps the MXCSR it was created with.
   else if (_mm_getcsr() & 0x0040)
     no = "MXCSR.DAZ is set in this thread (torch.set_flush_denormal(True)), under which "
          "vfpclassps reads subnormals as zero; the blocked step runs";

@@ -135,7 +135,7 @@ static void adam_blocked(P* p, P* g, S* m, S* v, S* vm, int64_t n, const AdamHyp
 // - vcvtne2ps2bf16 rounds to nearest even like from_float, but it flushes
 //   float subnormals and keeps NaN payloads, so a step whose results hold
 //   either stores through from_float instead. One vfpclassps per vector finds
-//   them. The SDM has vfpclassps read a subnormal as zero under MXCSR.DAZ
+//   them. vfpclassps reads a subnormal as zero under MXCSR.DAZ
 //   (torch.set_flush_denormal), so a thread with DAZ set takes the blocked
 //   path (bf16_convert_available).
 namespace bf16x32 {
