@@ -35,6 +35,9 @@ def info() -> dict:
         if ok and cpu.current_isa() != "avx512":
             ok, why = False, f"needs the avx512 variant, {cpu.current_isa()} is in use"
         d["bf16_adam"] = {"one_pass": ok, "reason": why}
+        avx512 = cpu.current_isa() == "avx512"
+        d["fp16_adam"] = {"one_pass": avx512, "reason": None if avx512 else
+                          f"needs the avx512 variant, {cpu.current_isa()} is in use"}
     else:
         d["cpu_module"] = {"built": False, "reason": cpu_reason}
         d["cpu_isa"] = {"in_use": None, "reason": cpu_reason}
@@ -91,6 +94,10 @@ def format_info(d: dict) -> str:
         lines.append("bf16 Adam:    " + (
             "one pass with AVX512_BF16 rounding (bf16 params and state)" if b16["one_pass"]
             else f"blocked path with integer rounding ({b16['reason']}); same results, slower"))
+        f16 = d["fp16_adam"]
+        lines.append("fp16 Adam:    " + (
+            "one pass with F16C rounding (fp16 params and state)" if f16["one_pass"]
+            else f"blocked path ({f16['reason']}); same results, slower"))
     else:
         lines.append(f"CPU module:   unavailable: {c['reason']}")
     g = d["cuda_module"]

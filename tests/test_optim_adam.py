@@ -143,15 +143,21 @@ BF16_SPECIALS = [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, 
                  1e-39, -3e-40, 9e-41, 3.3e38, -3.3e38, 1e-30]
 
 
-def _bf16_case(n, seed):
+# fp16: subnormals, the largest finite, a value that flushes to zero; grads
+# of 6e4 overflow exp_avg_sq to inf
+F16_SPECIALS = [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0,
+                6e-8, -3e-6, 1e-4, 65504.0, -6e4, 1e-9]
+
+
+def _bf16_case(n, seed, dtype=torch.bfloat16):
     gen = torch.Generator().manual_seed(seed)
+    specials = BF16_SPECIALS if dtype == torch.bfloat16 else F16_SPECIALS
 
     def t(scale=1.0):
         x = torch.randn(n, generator=gen) * scale
         idx = torch.randint(0, n, (max(1, n // 8),), generator=gen)
-        x[idx] = torch.tensor(BF16_SPECIALS)[torch.randint(0, len(BF16_SPECIALS), idx.shape,
-                                                           generator=gen)]
-        return x.bfloat16()
+        x[idx] = torch.tensor(specials)[torch.randint(0, len(specials), idx.shape, generator=gen)]
+        return x.to(dtype)
     p = t()
     grads = [t() for _ in range(4)]
     state = {"step": torch.tensor(3.0), "exp_avg": t(0.1), "exp_avg_sq": t(0.01).abs()}
@@ -267,6 +273,54 @@ def test_bf16_one_pass_step_under_flush_denormal():
         torch.set_flush_denormal(False)
         cpu.set_bf16_convert(True)
     assert cpu.bf16_convert_status()[0] == had_one_pass
+
+
+@pytest.mark.parametrize("scale", [None, 8.0], ids=["unscaled", "scale8"])
+@pytest.mark.parametrize("option", list(BF16_OPTIONS))
+def test_fp16_one_pass_step_is_bitwise_every_variant(option, scale):
+    """fp16 params and state: the avx512 variant's one-pass step (vcvtps2ph)
+    against the avx2 variant's blocked step (scalar F16C), the baseline
+    variant's (portable rounding) and the torch reference, bit for bit: every
+    length up to 20, 4099 and 70001 (two threads), fp16 subnormals, overflow
+    to inf, a grad scale. NaN payloads differ by path (F16C keeps them, the
+    portable rounding and torch do not), so NaN is compared by position."""
+    from pyopt import _backends
+    cpu = _backends._load_cpu()[0]
+    isas = [i for i in ("baseline", "avx2", "avx512") if cpu.isa_compiled(i) and cpu.isa_supported(i)]
+    before = cpu.current_isa()
+    kw = dict(BF16_OPTIONS[option], lr=1e-2)
+    try:
+        for n in list(range(1, 21)) + [4099, 70001]:
+            case = _bf16_case(n, seed=n, dtype=torch.float16)
+            ref = _bf16_run(*case, scale, backend="torch", **kw)
+            for isa in isas:
+                cpu.set_isa(isa)
+                got = _bf16_run(*case, scale, backend="native", **kw)
+                for a, b in zip(got, ref):
+                    assert a.isnan().equal(b.isnan()), (isa, n)
+                    keep = ~a.isnan()
+                    assert a[keep].view(torch.int16).equal(b[keep].view(torch.int16)), (isa, n)
+    finally:
+        cpu.set_isa(before)
+    if "avx512" not in isas:
+        pytest.skip(f"the one-pass fp16 step did not run: avx512 variant not usable here ({isas})")
+
+
+def test_info_names_the_fp16_adam_path():
+    from pyopt import _backends, _info
+    cpu = _backends._load_cpu()[0]
+    before = cpu.current_isa()
+    try:
+        for isa in ("baseline", "avx2", "avx512"):
+            if not (cpu.isa_compiled(isa) and cpu.isa_supported(isa)):
+                continue
+            cpu.set_isa(isa)
+            d = _info.info()["fp16_adam"]
+            assert d["one_pass"] == (isa == "avx512")
+            assert d["one_pass"] or isa in d["reason"]
+            assert "fp16 Adam:" in _info.format_info(_info.info())
+    finally:
+        cpu.set_isa(before)
 
 
 def test_info_names_the_bf16_adam_path():

@@ -117,15 +117,52 @@ static void adam_blocked(P* p, P* g, S* m, S* v, S* vm, int64_t n, const AdamHyp
   }
 }
 
+#if defined(__AVX512F__)
+struct AdamZmmConsts {
+  __m512 w, omw, b2, omb2, eps, wd, decay, nss, c, rc;
+  AdamZmmConsts(const AdamHyper& h, const AdamTensorScalars& s)
+      : w(_mm512_set1_ps(h.one_minus_beta1)), omw(_mm512_set1_ps(1.0f - h.one_minus_beta1)),
+        b2(_mm512_set1_ps(h.beta2)), omb2(_mm512_set1_ps(h.one_minus_beta2)),
+        eps(_mm512_set1_ps(h.eps)), wd(_mm512_set1_ps(h.weight_decay)),
+        decay(_mm512_set1_ps(h.decay_factor)), nss(_mm512_set1_ps(s.neg_step_size)),
+        c(_mm512_set1_ps(s.bc2_sqrt)), rc(_mm512_set1_ps(s.inv_bc2_sqrt)) {}
+};
+
+// adam_math on 16 lanes, op for op with no contraction (tests check the bits
+// against the blocked path and the torch reference); VM is max_exp_avg_sq in
+// and out (AMS only).
+template <bool AMS, bool MAX, int WD, bool LOW>
+static inline void adam_math_zmm(__m512& P, __m512 G, __m512& M, __m512& V, __m512& VM,
+                                  const AdamZmmConsts& k) {
+  if (MAX) G = _mm512_xor_ps(G, _mm512_set1_ps(-0.0f));  // -g, not 0 - g: the sign of a zero
+  if (WD == kL2) G = _mm512_add_ps(G, _mm512_mul_ps(k.wd, P));
+  if (WD == kDecoupled) P = _mm512_mul_ps(P, k.decay);
+  const __m512 d = _mm512_sub_ps(G, M);
+  M = LOW ? _mm512_add_ps(M, _mm512_mul_ps(k.w, d)) : _mm512_sub_ps(G, _mm512_mul_ps(d, k.omw));
+  V = _mm512_add_ps(_mm512_mul_ps(V, k.b2), _mm512_mul_ps(_mm512_mul_ps(k.omb2, G), G));
+  __m512 VV = V;
+  if (AMS) {
+    const __mmask16 take = _mm512_cmp_ps_mask(VM, V, _CMP_LT_OQ) | _mm512_cmp_ps_mask(V, V, _CMP_UNORD_Q);
+    VM = _mm512_mask_mov_ps(VM, take, V);
+    VV = VM;
+  }
+  // div_by_const, then the update
+  const __m512 x = _mm512_sqrt_ps(VV);
+  const __m512 q = _mm512_mul_ps(x, k.rc);
+  __m512 r = _mm512_fnmadd_ps(q, k.c, x);
+  r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);
+  const __m512 denom = _mm512_add_ps(_mm512_fmadd_ps(r, k.rc, q), k.eps);
+  P = _mm512_add_ps(P, _mm512_mul_ps(k.nss, _mm512_div_ps(M, denom)));
+}
+
 #if defined(__AVX512BF16__)
 // bf16 params and bf16 state (torch's default for a bf16 model), one pass in
 // registers: the blocked path spends about a third of the step on float
-// buffers and integer rounding. The math is adam_math's, op for op with no
-// contraction (tests check the bits against the blocked path and the torch
-// reference).
+// buffers and integer rounding.
 //
-// The loop is bound by the two 512-bit ALU ports more than by the divider, so
-// it saves ops where it can (harness, 16M elements on 2 threads: 11.5 ms for
+// The two 512-bit ALU ports and the divider (sqrt + div: 18 cycles per 16
+// elements) each need nearly as long as the memory traffic, so the loop saves
+// ops where it can (harness, 16M elements on 2 threads: 11.5 ms for
 // 16 elements a step with integer checks, 9.1 ms as below, 8.1 ms for the same
 // loads and stores with no math at all):
 // - 32 elements a step. A 512-bit load splits into the even elements (x << 16)
@@ -184,46 +221,11 @@ static inline __m512i round(Pair v, bool fast) {
 static inline void store(bf16* x, __m512i w, __mmask32 k) { _mm512_mask_storeu_epi16(x, k, w); }
 }  // namespace bf16x32
 
-struct AdamBf16Consts {
-  __m512 w, omw, b2, omb2, eps, wd, decay, nss, c, rc;
-  AdamBf16Consts(const AdamHyper& h, const AdamTensorScalars& s)
-      : w(_mm512_set1_ps(h.one_minus_beta1)), omw(_mm512_set1_ps(1.0f - h.one_minus_beta1)),
-        b2(_mm512_set1_ps(h.beta2)), omb2(_mm512_set1_ps(h.one_minus_beta2)),
-        eps(_mm512_set1_ps(h.eps)), wd(_mm512_set1_ps(h.weight_decay)),
-        decay(_mm512_set1_ps(h.decay_factor)), nss(_mm512_set1_ps(s.neg_step_size)),
-        c(_mm512_set1_ps(s.bc2_sqrt)), rc(_mm512_set1_ps(s.inv_bc2_sqrt)) {}
-};
-
-// adam_math on 16 lanes; VM is max_exp_avg_sq in and out (AMS only).
-template <bool AMS, bool MAX, int WD, bool LOW>
-static inline void adam_bf16_math(__m512& P, __m512 G, __m512& M, __m512& V, __m512& VM,
-                                  const AdamBf16Consts& k) {
-  if (MAX) G = _mm512_xor_ps(G, _mm512_set1_ps(-0.0f));  // -g, not 0 - g: the sign of a zero
-  if (WD == kL2) G = _mm512_add_ps(G, _mm512_mul_ps(k.wd, P));
-  if (WD == kDecoupled) P = _mm512_mul_ps(P, k.decay);
-  const __m512 d = _mm512_sub_ps(G, M);
-  M = LOW ? _mm512_add_ps(M, _mm512_mul_ps(k.w, d)) : _mm512_sub_ps(G, _mm512_mul_ps(d, k.omw));
-  V = _mm512_add_ps(_mm512_mul_ps(V, k.b2), _mm512_mul_ps(_mm512_mul_ps(k.omb2, G), G));
-  __m512 VV = V;
-  if (AMS) {
-    const __mmask16 take = _mm512_cmp_ps_mask(VM, V, _CMP_LT_OQ) | _mm512_cmp_ps_mask(V, V, _CMP_UNORD_Q);
-    VM = _mm512_mask_mov_ps(VM, take, V);
-    VV = VM;
-  }
-  // div_by_const, then the update
-  const __m512 x = _mm512_sqrt_ps(VV);
-  const __m512 q = _mm512_mul_ps(x, k.rc);
-  __m512 r = _mm512_fnmadd_ps(q, k.c, x);
-  r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);
-  const __m512 denom = _mm512_add_ps(_mm512_fmadd_ps(r, k.rc, q), k.eps);
-  P = _mm512_add_ps(P, _mm512_mul_ps(k.nss, _mm512_div_ps(M, denom)));
-}
-
 template <bool AMS, bool MAX, int WD, bool SC, bool LOW>
 static void adam_bf16_loop(bf16* p, bf16* g, bf16* m, bf16* v, bf16* vm, int64_t n,
                            const AdamHyper& h, const AdamTensorScalars& s, float inv_scale) {
   using namespace bf16x32;
-  const AdamBf16Consts kc(h, s);
+  const AdamZmmConsts kc(h, s);
   const __m512 inv = _mm512_set1_ps(inv_scale);
   for (int64_t i = 0; i < n; i += 32) {
     const bool full = n - i >= 32;
@@ -248,8 +250,8 @@ static void adam_bf16_loop(bf16* p, bf16* g, bf16* m, bf16* v, bf16* vm, int64_t
       store(g + i, w, k);
       G = widen(w);
     }
-    adam_bf16_math<AMS, MAX, WD, LOW>(P.e, G.e, M.e, V.e, VM.e, kc);
-    adam_bf16_math<AMS, MAX, WD, LOW>(P.o, G.o, M.o, V.o, VM.o, kc);
+    adam_math_zmm<AMS, MAX, WD, LOW>(P.e, G.e, M.e, V.e, VM.e, kc);
+    adam_math_zmm<AMS, MAX, WD, LOW>(P.o, G.o, M.o, V.o, VM.o, kc);
     __mmask16 bad = special(P, ke, ko) | special(M, ke, ko) | special(V, ke, ko);
     if (AMS) bad |= special(VM, ke, ko);
     const bool fast = bad == 0;
@@ -271,7 +273,65 @@ static void adam_bf16(bf16* p, bf16* g, bf16* m, bf16* v, bf16* vm, int64_t n,
   });
 }
 
-#endif
+#endif  // __AVX512BF16__
+
+#if defined(__F16C__)
+// fp16 params and fp16 state (torch's default for an fp16 model), one pass in
+// registers, 16 elements a step (the blocked path's float buffers cost it most
+// of its lead over torch). vcvtps2ph is the instruction from_float(f16) uses on
+// this variant and vcvtph2ps to_float's, so the bits are the blocked path's
+// with no check for special values.
+namespace f16x16 {
+static inline __m512 load(const f16* x, __mmask16 k) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, x));
+}
+static inline __m256i round(__m512 x) { return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT); }
+static inline void store(f16* x, __m256i w, __mmask16 k) { _mm256_mask_storeu_epi16(x, k, w); }
+}  // namespace f16x16
+
+template <bool AMS, bool MAX, int WD, bool SC, bool LOW>
+static void adam_f16_loop(f16* p, f16* g, f16* m, f16* v, f16* vm, int64_t n,
+                          const AdamHyper& h, const AdamTensorScalars& s, float inv_scale) {
+  using namespace f16x16;
+  const AdamZmmConsts kc(h, s);
+  const __m512 inv = _mm512_set1_ps(inv_scale);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
+    if ((i & 31) == 0 && i + kPrefetch < n) {  // one line of each list per 32 elements
+      __builtin_prefetch(p + i + kPrefetch, 1);
+      __builtin_prefetch(g + i + kPrefetch, SC);
+      __builtin_prefetch(m + i + kPrefetch, 1);
+      __builtin_prefetch(v + i + kPrefetch, 1);
+      if (AMS) __builtin_prefetch(vm + i + kPrefetch, 1);
+    }
+    __m512 P = load(p + i, k), G = load(g + i, k), M = load(m + i, k), V = load(v + i, k);
+    __m512 VM = V;
+    if (AMS) VM = load(vm + i, k);
+    if (SC) {  // unscale, store the grad, and go on with its rounded value
+      const __m256i w = round(_mm512_mul_ps(G, inv));
+      store(g + i, w, k);
+      G = _mm512_cvtph_ps(w);
+    }
+    adam_math_zmm<AMS, MAX, WD, LOW>(P, G, M, V, VM, kc);
+    store(p + i, round(P), k);
+    store(m + i, round(M), k);
+    store(v + i, round(V), k);
+    if (AMS) store(vm + i, round(VM), k);
+  }
+}
+
+template <bool AMS, bool MAX, int WD>
+static void adam_f16(f16* p, f16* g, f16* m, f16* v, f16* vm, int64_t n,
+                     const AdamHyper& h, const AdamTensorScalars& s, float inv_scale) {
+  const bool low = h.one_minus_beta1 < 0.5f;  // lerp_torch's two sides
+  with_scale(inv_scale, [&](auto sc) {
+    constexpr bool SC = decltype(sc)::value;
+    if (low) adam_f16_loop<AMS, MAX, WD, SC, true>(p, g, m, v, vm, n, h, s, inv_scale);
+    else adam_f16_loop<AMS, MAX, WD, SC, false>(p, g, m, v, vm, n, h, s, inv_scale);
+  });
+}
+#endif  // __F16C__
+#endif  // __AVX512F__
 
 // One table row, elements [off, off + len).
 template <typename P, typename S, bool AMS, bool MAX, int WD>
@@ -290,6 +350,10 @@ static void adam_row(const int64_t* row, int64_t off, int64_t len, const AdamHyp
   if constexpr (std::is_same<P, bf16>::value && std::is_same<S, bf16>::value) {
     if (bf16_convert_available(nullptr)) return adam_bf16<AMS, MAX, WD>(p, g, m, v, vm, len, h, s, inv_scale);
   }
+#endif
+#if defined(__AVX512F__) && defined(__F16C__)
+  if constexpr (std::is_same<P, f16>::value && std::is_same<S, f16>::value)
+    return adam_f16<AMS, MAX, WD>(p, g, m, v, vm, len, h, s, inv_scale);
 #endif
   if constexpr (!(is_f32<P> && is_f32<S>))
     adam_blocked<P, S, AMS, MAX, WD>(p, g, m, v, vm, len, h, s, inv_scale);
