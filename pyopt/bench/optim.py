@@ -61,6 +61,7 @@ def cases(device: str, quick: bool) -> list[Case]:
             Case("AdamW 200 x 80K fp32", [80_000] * 200, torch.float32),
             Case("AdamW 2000 x 1K fp32", [1024] * 2000, torch.float32),
             Case("AdamW 16M bf16", [16 << 20], torch.bfloat16),
+            Case("AdamW 16M fp16", [16 << 20], torch.float16),
             Case("SGD momentum 64M fp32", [64 << 20], torch.float32, **sgd),
             Case("RMSprop 64M fp32", [64 << 20], torch.float32, **rms),
             # master: read fp32 master, bf16 grad, fp32 m, v; write master, m, v, bf16 param
