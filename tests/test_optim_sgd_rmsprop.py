@@ -225,3 +225,74 @@ def test_opcheck_and_compiled_training_matches_eager(cls, kw):
         a, b = train(m1, o1), compiled(m2, o2)
         assert a.item() == pytest.approx(b.item(), rel=1e-5)
     torch.testing.assert_close(list(m1.parameters()), list(m2.parameters()), rtol=1e-5, atol=1e-6)
+
+
+SPECIALS16 = {
+    torch.bfloat16: [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0,
+                     1e-39, -3e-40, 9e-41, 3.3e38, -3.3e38, 1e-30],
+    torch.float16: [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0,
+                    6e-8, -3e-6, 1e-4, 65504.0, -6e4, 1e-9],
+}
+
+
+def _special_data(n, dt, seed, steps=4):
+    gen = torch.Generator().manual_seed(seed)
+    specials = torch.tensor(SPECIALS16[dt])
+
+    def t():
+        x = torch.randn(n, generator=gen)
+        idx = torch.randint(0, n, (max(1, n // 8),), generator=gen)
+        x[idx] = specials[torch.randint(0, len(specials), idx.shape, generator=gen)]
+        return x.to(dt)
+    return t(), [t() for _ in range(steps)]
+
+
+def _run_scaled(cls, p, grads, scale, **kw):
+    ps = [p.clone().requires_grad_()]
+    opt = cls(ps, **kw)
+    seen = []
+    for g in grads:
+        ps[0].grad = g.clone()
+        if scale is not None:
+            opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
+        opt.step()
+        seen.append(ps[0].grad.clone())
+    st = opt.state[ps[0]]
+    return [ps[0].detach()] + [st[k] for k in sorted(st) if k != "step"] + seen
+
+
+@pytest.mark.parametrize("scale", [None, 8.0], ids=["unscaled", "scale8"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("cls,option", CASES, ids=[f"{c}-{o}" for c, o in CASES])
+def test_one_pass_16bit_step_is_bitwise_every_path(cls, option, dtype, scale):
+    """The avx512 variant's one-pass 16-bit step (bf16: vcvtne2ps2bf16 with its
+    NaN/subnormal check; fp16: F16C) against its blocked step (bf16), the
+    avx2 and baseline variants and the torch reference, bit for bit: lengths
+    up to 33, 4099 and 70001 (two threads), NaN, infinities, subnormals and
+    overflow in every list, a grad scale. NaN payloads differ by path, so NaN
+    is compared by position."""
+    from pyopt import _backends
+    cpu = _backends._load_cpu()[0]
+    dt = DTYPES[dtype]
+    ours = getattr(pyopt.optim, cls)
+    isas = [i for i in ("baseline", "avx2", "avx512") if cpu.isa_compiled(i) and cpu.isa_supported(i)]
+    before = cpu.current_isa()
+    paths = [(isa, True) for isa in isas] + ([("avx512", False)] if "avx512" in isas else [])
+    try:
+        for n in list(range(1, 34)) + [4099, 70001]:
+            p, grads = _special_data(n, dt, seed=n)
+            ref = _run_scaled(ours, p, grads, scale, backend="torch", **_opts(cls, option))
+            for isa, convert in paths:
+                cpu.set_isa(isa)
+                cpu.set_bf16_convert(convert)
+                got = _run_scaled(ours, p, grads, scale, backend="native", **_opts(cls, option))
+                assert len(got) == len(ref)
+                for a, b in zip(got, ref):
+                    assert a.isnan().equal(b.isnan()), (isa, convert, n)
+                    keep = ~a.isnan()
+                    assert a[keep].view(torch.int16).equal(b[keep].view(torch.int16)), (isa, convert, n)
+    finally:
+        cpu.set_isa(before)
+        cpu.set_bf16_convert(True)
+    if "avx512" not in isas:
+        pytest.skip(f"the one-pass step did not run: avx512 variant not usable here ({isas})")

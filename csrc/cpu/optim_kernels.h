@@ -221,11 +221,21 @@ static inline __m512i round(Pair v, bool fast) {
 static inline void store(bf16* x, __m512i w, __mmask32 k) { _mm512_mask_storeu_epi16(x, k, w); }
 }  // namespace bf16x32
 
-template <bool AMS, bool MAX, int WD, bool SC, bool LOW>
-static void adam_bf16_loop(bf16* p, bf16* g, bf16* m, bf16* v, bf16* vm, int64_t n,
-                           const AdamHyper& h, const AdamTensorScalars& s, float inv_scale) {
+// One line of list l, for writing if the step writes it (the grad: if it
+// unscales it).
+template <unsigned LIVE, unsigned WRITE, bool SC, typename T>
+static inline void prefetch_list(const T* x, int l) {
+  if (!((LIVE >> l) & 1u)) return;
+  if (((WRITE >> l) & 1u) || (SC && l == 1)) __builtin_prefetch(x, 1);
+  else __builtin_prefetch(x, 0);
+}
+
+// The one-pass driver for bf16 lists: ptr[l] for list l (1 is the grad),
+// LIVE the lists present, WRITE those stored back. f(x) runs the fp32 math on
+// 16 lanes, x[l] for list l; it is called for the even and the odd halves.
+template <int NL, unsigned LIVE, unsigned WRITE, bool SC, typename F>
+static void one_pass_bf16(bf16* const (&ptr)[NL], int64_t n, float inv_scale, const F& f) {
   using namespace bf16x32;
-  const AdamZmmConsts kc(h, s);
   const __m512 inv = _mm512_set1_ps(inv_scale);
   for (int64_t i = 0; i < n; i += 32) {
     const bool full = n - i >= 32;
@@ -234,43 +244,31 @@ static void adam_bf16_loop(bf16* p, bf16* g, bf16* m, bf16* v, bf16* vm, int64_t
     const __mmask16 ke = full ? __mmask16(0xffff) : __mmask16(_pext_u32(k, 0x55555555u));
     const __mmask16 ko = full ? __mmask16(0xffff) : __mmask16(_pext_u32(k, 0xaaaaaaaau));
     if (i + kPrefetch < n) {  // one line of each list per 32 elements
-      __builtin_prefetch(p + i + kPrefetch, 1);
-      __builtin_prefetch(g + i + kPrefetch, SC);
-      __builtin_prefetch(m + i + kPrefetch, 1);
-      __builtin_prefetch(v + i + kPrefetch, 1);
-      if (AMS) __builtin_prefetch(vm + i + kPrefetch, 1);
+      for (int l = 0; l < NL; ++l) prefetch_list<LIVE, WRITE, SC>(ptr[l] + i + kPrefetch, l);
     }
-    Pair P = load(p + i, k), G = load(g + i, k), M = load(m + i, k), V = load(v + i, k);
-    Pair VM = V;
-    if (AMS) VM = load(vm + i, k);
+    __m512 e[NL], o[NL];
+    for (int l = 0; l < NL; ++l) {
+      const Pair x = (LIVE >> l) & 1u ? load(ptr[l] + i, k) : Pair{_mm512_setzero_ps(), _mm512_setzero_ps()};
+      e[l] = x.e;
+      o[l] = x.o;
+    }
     if (SC) {  // unscale, store the grad, and go on with its rounded value
-      G.e = _mm512_mul_ps(G.e, inv);
-      G.o = _mm512_mul_ps(G.o, inv);
+      const Pair G{_mm512_mul_ps(e[1], inv), _mm512_mul_ps(o[1], inv)};
       const __m512i w = round(G, special(G, ke, ko) == 0);
-      store(g + i, w, k);
-      G = widen(w);
+      store(ptr[1] + i, w, k);
+      const Pair R = widen(w);
+      e[1] = R.e;
+      o[1] = R.o;
     }
-    adam_math_zmm<AMS, MAX, WD, LOW>(P.e, G.e, M.e, V.e, VM.e, kc);
-    adam_math_zmm<AMS, MAX, WD, LOW>(P.o, G.o, M.o, V.o, VM.o, kc);
-    __mmask16 bad = special(P, ke, ko) | special(M, ke, ko) | special(V, ke, ko);
-    if (AMS) bad |= special(VM, ke, ko);
+    f(e);
+    f(o);
+    __mmask16 bad = 0;
+    for (int l = 0; l < NL; ++l)
+      if ((WRITE >> l) & 1u) bad |= special(e[l], ke) | special(o[l], ko);
     const bool fast = bad == 0;
-    store(p + i, round(P, fast), k);
-    store(m + i, round(M, fast), k);
-    store(v + i, round(V, fast), k);
-    if (AMS) store(vm + i, round(VM, fast), k);
+    for (int l = 0; l < NL; ++l)
+      if ((WRITE >> l) & 1u) store(ptr[l] + i, round(Pair{e[l], o[l]}, fast), k);
   }
-}
-
-template <bool AMS, bool MAX, int WD>
-static void adam_bf16(bf16* p, bf16* g, bf16* m, bf16* v, bf16* vm, int64_t n,
-                      const AdamHyper& h, const AdamTensorScalars& s, float inv_scale) {
-  const bool low = h.one_minus_beta1 < 0.5f;  // lerp_torch's two sides
-  with_scale(inv_scale, [&](auto sc) {
-    constexpr bool SC = decltype(sc)::value;
-    if (low) adam_bf16_loop<AMS, MAX, WD, SC, true>(p, g, m, v, vm, n, h, s, inv_scale);
-    else adam_bf16_loop<AMS, MAX, WD, SC, false>(p, g, m, v, vm, n, h, s, inv_scale);
-  });
 }
 
 #endif  // __AVX512BF16__
@@ -289,48 +287,73 @@ static inline __m256i round(__m512 x) { return _mm512_cvtps_ph(x, _MM_FROUND_TO_
 static inline void store(f16* x, __m256i w, __mmask16 k) { _mm256_mask_storeu_epi16(x, k, w); }
 }  // namespace f16x16
 
-template <bool AMS, bool MAX, int WD, bool SC, bool LOW>
-static void adam_f16_loop(f16* p, f16* g, f16* m, f16* v, f16* vm, int64_t n,
-                          const AdamHyper& h, const AdamTensorScalars& s, float inv_scale) {
+// one_pass_bf16's contract for fp16 lists, 16 elements a step.
+template <int NL, unsigned LIVE, unsigned WRITE, bool SC, typename F>
+static void one_pass_f16(f16* const (&ptr)[NL], int64_t n, float inv_scale, const F& f) {
   using namespace f16x16;
-  const AdamZmmConsts kc(h, s);
   const __m512 inv = _mm512_set1_ps(inv_scale);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
     if ((i & 31) == 0 && i + kPrefetch < n) {  // one line of each list per 32 elements
-      __builtin_prefetch(p + i + kPrefetch, 1);
-      __builtin_prefetch(g + i + kPrefetch, SC);
-      __builtin_prefetch(m + i + kPrefetch, 1);
-      __builtin_prefetch(v + i + kPrefetch, 1);
-      if (AMS) __builtin_prefetch(vm + i + kPrefetch, 1);
+      for (int l = 0; l < NL; ++l) prefetch_list<LIVE, WRITE, SC>(ptr[l] + i + kPrefetch, l);
     }
-    __m512 P = load(p + i, k), G = load(g + i, k), M = load(m + i, k), V = load(v + i, k);
-    __m512 VM = V;
-    if (AMS) VM = load(vm + i, k);
+    __m512 x[NL];
+    for (int l = 0; l < NL; ++l) x[l] = (LIVE >> l) & 1u ? load(ptr[l] + i, k) : _mm512_setzero_ps();
     if (SC) {  // unscale, store the grad, and go on with its rounded value
-      const __m256i w = round(_mm512_mul_ps(G, inv));
-      store(g + i, w, k);
-      G = _mm512_cvtph_ps(w);
+      const __m256i w = round(_mm512_mul_ps(x[1], inv));
+      store(ptr[1] + i, w, k);
+      x[1] = _mm512_cvtph_ps(w);
     }
-    adam_math_zmm<AMS, MAX, WD, LOW>(P, G, M, V, VM, kc);
-    store(p + i, round(P), k);
-    store(m + i, round(M), k);
-    store(v + i, round(V), k);
-    if (AMS) store(vm + i, round(VM), k);
+    f(x);
+    for (int l = 0; l < NL; ++l)
+      if ((WRITE >> l) & 1u) store(ptr[l] + i, round(x[l]), k);
   }
 }
+#endif  // __F16C__
 
-template <bool AMS, bool MAX, int WD>
-static void adam_f16(f16* p, f16* g, f16* m, f16* v, f16* vm, int64_t n,
-                     const AdamHyper& h, const AdamTensorScalars& s, float inv_scale) {
+// T's one-pass driver (bf16 or fp16).
+template <typename T, int NL, unsigned LIVE, unsigned WRITE, bool SC, typename F>
+static void one_pass(T* const (&ptr)[NL], int64_t n, float inv_scale, const F& f) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<T, bf16>::value) one_pass_bf16<NL, LIVE, WRITE, SC>(ptr, n, inv_scale, f);
+#endif
+#if defined(__F16C__)
+  if constexpr (std::is_same<T, f16>::value) one_pass_f16<NL, LIVE, WRITE, SC>(ptr, n, inv_scale, f);
+#endif
+}
+
+// Whether T's one-pass driver is compiled in and usable on this thread.
+template <typename T>
+static inline bool one_pass_usable() {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<T, bf16>::value) return bf16_convert_available(nullptr);
+#endif
+#if defined(__F16C__)
+  if constexpr (std::is_same<T, f16>::value) return true;
+#endif
+  return false;
+}
+
+// Adam with T params and T state (torch's default for a 16-bit model).
+template <typename T, bool AMS, bool MAX, int WD>
+static void adam_one_pass(T* p, T* g, T* m, T* v, T* vm, int64_t n, const AdamHyper& h,
+                          const AdamTensorScalars& s, float inv_scale) {
+  const AdamZmmConsts kc(h, s);
+  T* const ptr[5] = {p, g, m, v, vm};
+  constexpr unsigned live = AMS ? 0b11111u : 0b01111u, write = live & ~0b10u;
   const bool low = h.one_minus_beta1 < 0.5f;  // lerp_torch's two sides
   with_scale(inv_scale, [&](auto sc) {
     constexpr bool SC = decltype(sc)::value;
-    if (low) adam_f16_loop<AMS, MAX, WD, SC, true>(p, g, m, v, vm, n, h, s, inv_scale);
-    else adam_f16_loop<AMS, MAX, WD, SC, false>(p, g, m, v, vm, n, h, s, inv_scale);
+    if (low)
+      one_pass<T, 5, live, write, SC>(ptr, n, inv_scale, [&](__m512 (&x)[5]) {
+        adam_math_zmm<AMS, MAX, WD, true>(x[0], x[1], x[2], x[3], x[4], kc);
+      });
+    else
+      one_pass<T, 5, live, write, SC>(ptr, n, inv_scale, [&](__m512 (&x)[5]) {
+        adam_math_zmm<AMS, MAX, WD, false>(x[0], x[1], x[2], x[3], x[4], kc);
+      });
   });
 }
-#endif  // __F16C__
 #endif  // __AVX512F__
 
 // One table row, elements [off, off + len).
@@ -346,14 +369,10 @@ static void adam_row(const int64_t* row, int64_t off, int64_t len, const AdamHyp
     adam_f32<AMS, MAX, WD>(p, g, m, v, vm, len, h, s, inv_scale);
     return;
   }
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same<P, bf16>::value && std::is_same<S, bf16>::value) {
-    if (bf16_convert_available(nullptr)) return adam_bf16<AMS, MAX, WD>(p, g, m, v, vm, len, h, s, inv_scale);
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<P, S>::value && !is_f32<P>) {
+    if (one_pass_usable<P>()) return adam_one_pass<P, AMS, MAX, WD>(p, g, m, v, vm, len, h, s, inv_scale);
   }
-#endif
-#if defined(__AVX512F__) && defined(__F16C__)
-  if constexpr (std::is_same<P, f16>::value && std::is_same<S, f16>::value)
-    return adam_f16<AMS, MAX, WD>(p, g, m, v, vm, len, h, s, inv_scale);
 #endif
   if constexpr (!(is_f32<P> && is_f32<S>))
     adam_blocked<P, S, AMS, MAX, WD>(p, g, m, v, vm, len, h, s, inv_scale);
@@ -533,12 +552,39 @@ static void run_rows(const int64_t* table, int64_t n, const int64_t* offsets, in
   });
 }
 
+#if defined(__AVX512F__)
+// sgd_math on 16 lanes, op for op (B is the momentum buffer).
+template <bool MAX, bool WD, int MOM>
+static inline void sgd_math_zmm(__m512& P, __m512 G, __m512& B, bool first, const SgdHyper& h) {
+  if (MAX) G = _mm512_xor_ps(G, _mm512_set1_ps(-0.0f));
+  if (WD) G = _mm512_add_ps(G, _mm512_mul_ps(_mm512_set1_ps(h.weight_decay), P));
+  if (MOM != kNoMomentum) {
+    const __m512 mom = _mm512_set1_ps(h.momentum);
+    B = first ? G : _mm512_add_ps(_mm512_mul_ps(B, mom), _mm512_mul_ps(_mm512_set1_ps(h.one_minus_dampening), G));
+    G = MOM == kNesterov ? _mm512_add_ps(G, _mm512_mul_ps(mom, B)) : B;
+  }
+  P = _mm512_add_ps(P, _mm512_mul_ps(_mm512_set1_ps(h.neg_lr), G));
+}
+#endif
+
 template <typename T, bool MAX, bool WD, int MOM>
 static void sgd_row(const int64_t* row, int64_t off, int64_t len, const SgdHyper& h,
                     float inv_scale) {
   T* const ptr[3] = {list_at<T>(row, kSgdParam, off), list_at<T>(row, kSgdGrad, off),
                      MOM != kNoMomentum ? list_at<T>(row, kSgdMomentum, off) : nullptr};
   const bool first = row[kSgdFirst] != 0;
+#if defined(__AVX512F__)
+  if constexpr (!is_f32<T>) {
+    if (one_pass_usable<T>()) {
+      constexpr unsigned write = MOM != kNoMomentum ? 0b101u : 0b001u;
+      return with_scale(inv_scale, [&](auto sc) {
+        one_pass<T, 3, write | 0b10u, write, decltype(sc)::value>(ptr, len, inv_scale, [&](__m512 (&x)[3]) {
+          sgd_math_zmm<MAX, WD, MOM>(x[0], x[1], x[2], first, h);
+        });
+      });
+    }
+  }
+#endif
   run_blocked<T, 3, 0b101u>(ptr, len, inv_scale, [&](float* const* x, int64_t k, auto sc) {
     float* __restrict p = x[0];
     float* __restrict g = x[1];
@@ -556,6 +602,36 @@ static void sgd_row(const int64_t* row, int64_t off, int64_t len, const SgdHyper
   });
 }
 
+#if defined(__AVX512F__)
+// rmsprop_math on 16 lanes, op for op (-1 * gavg rather than a sign flip: the
+// same NaN sign); LOW: lerp_torch's side for one_minus_alpha.
+template <bool MAX, bool WD, bool CEN, bool MOM, bool LOW>
+static inline void rmsprop_math_zmm(__m512& P, __m512 G, __m512& SQ, __m512& GA, __m512& B,
+                                    const RmspropHyper& h) {
+  const __m512 oma = _mm512_set1_ps(h.one_minus_alpha);
+  if (MAX) G = _mm512_xor_ps(G, _mm512_set1_ps(-0.0f));
+  if (WD) G = _mm512_add_ps(G, _mm512_mul_ps(_mm512_set1_ps(h.weight_decay), P));
+  SQ = _mm512_add_ps(_mm512_mul_ps(SQ, _mm512_set1_ps(h.alpha)), _mm512_mul_ps(_mm512_mul_ps(oma, G), G));
+  __m512 avg;
+  if (CEN) {
+    const __m512 d = _mm512_sub_ps(G, GA);
+    GA = LOW ? _mm512_add_ps(GA, _mm512_mul_ps(oma, d))
+             : _mm512_sub_ps(G, _mm512_mul_ps(d, _mm512_set1_ps(1.0f - h.one_minus_alpha)));
+    avg = _mm512_sqrt_ps(_mm512_add_ps(SQ, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(-1.0f), GA), GA)));
+  } else {
+    avg = _mm512_sqrt_ps(SQ);
+  }
+  avg = _mm512_add_ps(avg, _mm512_set1_ps(h.eps));
+  const __m512 nlr = _mm512_set1_ps(h.neg_lr);
+  if (MOM) {
+    B = _mm512_add_ps(_mm512_mul_ps(B, _mm512_set1_ps(h.momentum)), _mm512_div_ps(G, avg));
+    P = _mm512_add_ps(P, _mm512_mul_ps(nlr, B));
+  } else {
+    P = _mm512_add_ps(P, _mm512_mul_ps(nlr, _mm512_div_ps(G, avg)));
+  }
+}
+#endif
+
 template <typename T, bool MAX, bool WD, bool CEN, bool MOM>
 static void rmsprop_row(const int64_t* row, int64_t off, int64_t len, const RmspropHyper& h,
                         float inv_scale) {
@@ -563,6 +639,25 @@ static void rmsprop_row(const int64_t* row, int64_t off, int64_t len, const Rmsp
                      list_at<T>(row, kRmsSquareAvg, off),
                      MOM ? list_at<T>(row, kRmsMomentum, off) : nullptr,
                      CEN ? list_at<T>(row, kRmsGradAvg, off) : nullptr};
+#if defined(__AVX512F__)
+  if constexpr (!is_f32<T>) {
+    if (one_pass_usable<T>()) {
+      constexpr unsigned live = 0b00101u | (MOM ? 0b01000u : 0u) | (CEN ? 0b10000u : 0u);
+      const bool low = h.one_minus_alpha < 0.5f;
+      return with_scale(inv_scale, [&](auto sc) {
+        constexpr bool SC = decltype(sc)::value;
+        if (low)
+          one_pass<T, 5, live | 0b10u, live, SC>(ptr, len, inv_scale, [&](__m512 (&x)[5]) {
+            rmsprop_math_zmm<MAX, WD, CEN, MOM, true>(x[0], x[1], x[2], x[4], x[3], h);
+          });
+        else
+          one_pass<T, 5, live | 0b10u, live, SC>(ptr, len, inv_scale, [&](__m512 (&x)[5]) {
+            rmsprop_math_zmm<MAX, WD, CEN, MOM, false>(x[0], x[1], x[2], x[4], x[3], h);
+          });
+      });
+    }
+  }
+#endif
   run_blocked<T, 5, 0b11101u>(ptr, len, inv_scale, [&](float* const* x, int64_t k, auto sc) {
     float* __restrict p = x[0];
     float* __restrict g = x[1];
