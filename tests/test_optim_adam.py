@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pyopt
-from conftest import DTYPES, cpu_backends
+from conftest import DTYPES, cpu_backends, step_with_scale, with_specials
 
 SHAPES = {"0": (0,), "1": (1,), "4097": (4097,), "33x65": (33, 65)}
 OPTIONS = {
@@ -139,25 +139,11 @@ def test_denominator_bitwise_over_exponents_steps_and_isas():
         cpu.set_isa(before)
 
 
-BF16_SPECIALS = [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0,
-                 1e-39, -3e-40, 9e-41, 3.3e38, -3.3e38, 1e-30]
-
-
-# fp16: subnormals, the largest finite, a value that flushes to zero; grads
-# of 6e4 overflow exp_avg_sq to inf
-F16_SPECIALS = [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0,
-                6e-8, -3e-6, 1e-4, 65504.0, -6e4, 1e-9]
-
-
 def _bf16_case(n, seed, dtype=torch.bfloat16):
     gen = torch.Generator().manual_seed(seed)
-    specials = BF16_SPECIALS if dtype == torch.bfloat16 else F16_SPECIALS
 
     def t(scale=1.0):
-        x = torch.randn(n, generator=gen) * scale
-        idx = torch.randint(0, n, (max(1, n // 8),), generator=gen)
-        x[idx] = torch.tensor(specials)[torch.randint(0, len(specials), idx.shape, generator=gen)]
-        return x.to(dtype)
+        return with_specials(n, dtype, gen, scale)
     p = t()
     grads = [t() for _ in range(4)]
     state = {"step": torch.tensor(3.0), "exp_avg": t(0.1), "exp_avg_sq": t(0.01).abs()}
@@ -177,13 +163,7 @@ def _bf16_run(p, grads, state, scale, l2=False, **kw):
         st["max_exp_avg_sq"] = state["exp_avg_sq"].flip(0).clone()
     sd["state"] = {0: st}
     opt.load_state_dict(sd)
-    seen = []
-    for g in grads:
-        ps[0].grad = g.clone()
-        if scale is not None:
-            opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
-        opt.step()
-        seen.append(ps[0].grad.clone())
+    seen = step_with_scale(opt, ps[0], grads, scale)
     return [ps[0].detach()] + [opt.state[ps[0]][k] for k in sorted(st) if k != "step"] + seen
 
 

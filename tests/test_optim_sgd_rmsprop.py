@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pyopt
-from conftest import DTYPES, cpu_backends, run_python
+from conftest import DTYPES, cpu_backends, run_python, step_with_scale, with_specials
 
 SHAPES = {"0": (0,), "1": (1,), "4097": (4097,), "33x65": (33, 65)}
 SGD_OPTIONS = {
@@ -227,36 +227,15 @@ def test_opcheck_and_compiled_training_matches_eager(cls, kw):
     torch.testing.assert_close(list(m1.parameters()), list(m2.parameters()), rtol=1e-5, atol=1e-6)
 
 
-SPECIALS16 = {
-    torch.bfloat16: [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0,
-                     1e-39, -3e-40, 9e-41, 3.3e38, -3.3e38, 1e-30],
-    torch.float16: [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0,
-                    6e-8, -3e-6, 1e-4, 65504.0, -6e4, 1e-9],
-}
-
-
 def _special_data(n, dt, seed, steps=4):
     gen = torch.Generator().manual_seed(seed)
-    specials = torch.tensor(SPECIALS16[dt])
-
-    def t():
-        x = torch.randn(n, generator=gen)
-        idx = torch.randint(0, n, (max(1, n // 8),), generator=gen)
-        x[idx] = specials[torch.randint(0, len(specials), idx.shape, generator=gen)]
-        return x.to(dt)
-    return t(), [t() for _ in range(steps)]
+    return with_specials(n, dt, gen), [with_specials(n, dt, gen) for _ in range(steps)]
 
 
 def _run_scaled(cls, p, grads, scale, **kw):
     ps = [p.clone().requires_grad_()]
     opt = cls(ps, **kw)
-    seen = []
-    for g in grads:
-        ps[0].grad = g.clone()
-        if scale is not None:
-            opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
-        opt.step()
-        seen.append(ps[0].grad.clone())
+    seen = step_with_scale(opt, ps[0], grads, scale)
     st = opt.state[ps[0]]
     return [ps[0].detach()] + [st[k] for k in sorted(st) if k != "step"] + seen
 
