@@ -91,12 +91,12 @@ def format_info(d: dict) -> str:
             "is a multiple of 64; other shapes run the ISA kernels" if a["used"]
             else f"not used ({a['reason']}); quantized layers run the {isa['in_use']} kernels"))
         b16 = d["bf16_adam"]
-        lines.append("bf16 Adam:    " + (
-            "one pass with AVX512_BF16 rounding (bf16 params and state)" if b16["one_pass"]
+        lines.append("bf16 optim:   " + (
+            "one pass with AVX512_BF16 rounding (Adam, SGD, RMSprop; bf16 params and state)" if b16["one_pass"]
             else f"blocked path with integer rounding ({b16['reason']}); same results, slower"))
         f16 = d["fp16_adam"]
-        lines.append("fp16 Adam:    " + (
-            "one pass with F16C rounding (fp16 params and state)" if f16["one_pass"]
+        lines.append("fp16 optim:   " + (
+            "one pass with F16C rounding (Adam, SGD, RMSprop; fp16 params and state)" if f16["one_pass"]
             else f"blocked path ({f16['reason']}); same results, slower"))
     else:
         lines.append(f"CPU module:   unavailable: {c['reason']}")

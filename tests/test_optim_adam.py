@@ -298,7 +298,7 @@ def test_info_names_the_fp16_adam_path():
             d = _info.info()["fp16_adam"]
             assert d["one_pass"] == (isa == "avx512")
             assert d["one_pass"] or isa in d["reason"]
-            assert "fp16 Adam:" in _info.format_info(_info.info())
+            assert "fp16 optim:" in _info.format_info(_info.info())
     finally:
         cpu.set_isa(before)
 

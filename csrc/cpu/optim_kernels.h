@@ -156,13 +156,15 @@ static inline void adam_math_zmm(__m512& P, __m512 G, __m512& M, __m512& V, __m5
 }
 
 #if defined(__AVX512BF16__)
-// bf16 params and bf16 state (torch's default for a bf16 model), one pass in
-// registers: the blocked path spends about a third of the step on float
-// buffers and integer rounding.
+// Steps whose params and state are all bf16 (torch's default for a bf16
+// model), one pass in registers: the blocked path spends about a third of the
+// Adam step on float buffers and integer rounding.
 //
 // The two 512-bit ALU ports and the divider (sqrt + div: 18 cycles per 16
-// elements) each need nearly as long as the memory traffic, so the loop saves
-// ops where it can (harness, 16M elements on 2 threads: 11.5 ms for
+// elements) each need nearly as long as the memory traffic (a sqrt from
+// rsqrt14 with an exact correction, equal to vsqrtps on all 2^32 inputs, made
+// Adam 4-10% slower: its ops take the same ports), so the loop saves ops
+// where it can (Adam in a harness, 16M elements on 2 threads: 11.5 ms for
 // 16 elements a step with integer checks, 9.1 ms as below, 8.1 ms for the same
 // loads and stores with no math at all):
 // - 32 elements a step. A 512-bit load splits into the even elements (x << 16)
@@ -274,11 +276,11 @@ static void one_pass_bf16(bf16* const (&ptr)[NL], int64_t n, float inv_scale, co
 #endif  // __AVX512BF16__
 
 #if defined(__F16C__)
-// fp16 params and fp16 state (torch's default for an fp16 model), one pass in
-// registers, 16 elements a step (the blocked path's float buffers cost it most
-// of its lead over torch). vcvtps2ph is the instruction from_float(f16) uses on
-// this variant and vcvtph2ps to_float's, so the bits are the blocked path's
-// with no check for special values.
+// Steps whose params and state are all fp16 (torch's default for an fp16
+// model), one pass in registers, 16 elements a step (the blocked path's float
+// buffers cost it most of its lead over torch). vcvtps2ph is the instruction
+// from_float(f16) uses on this variant and vcvtph2ps to_float's, so the bits
+// are the blocked path's with no check for special values.
 namespace f16x16 {
 static inline __m512 load(const f16* x, __mmask16 k) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, x));
