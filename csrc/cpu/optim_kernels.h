@@ -223,19 +223,22 @@ static inline __m512i round(Pair v, bool fast) {
 static inline void store(bf16* x, __m512i w, __mmask32 k) { _mm512_mask_storeu_epi16(x, k, w); }
 }  // namespace bf16x32
 
+// The lists a one-pass step reads: those it writes, and the grad (list 1).
+constexpr unsigned live_lists(unsigned write) { return write | 0b10u; }
+
 // One line of list l, for writing if the step writes it (the grad: if it
 // unscales it).
-template <unsigned LIVE, unsigned WRITE, bool SC, typename T>
+template <unsigned WRITE, bool SC, typename T>
 static inline void prefetch_list(const T* x, int l) {
-  if (!((LIVE >> l) & 1u)) return;
+  if (!((live_lists(WRITE) >> l) & 1u)) return;
   if (((WRITE >> l) & 1u) || (SC && l == 1)) __builtin_prefetch(x, 1);
   else __builtin_prefetch(x, 0);
 }
 
 // The one-pass driver for bf16 lists: ptr[l] for list l (1 is the grad),
-// LIVE the lists present, WRITE those stored back. f(x) runs the fp32 math on
+// WRITE the lists stored back (read: live_lists). f(x) runs the fp32 math on
 // 16 lanes, x[l] for list l; it is called for the even and the odd halves.
-template <int NL, unsigned LIVE, unsigned WRITE, bool SC, typename F>
+template <int NL, unsigned WRITE, bool SC, typename F>
 static void one_pass_bf16(bf16* const (&ptr)[NL], int64_t n, float inv_scale, const F& f) {
   using namespace bf16x32;
   const __m512 inv = _mm512_set1_ps(inv_scale);
@@ -246,11 +249,11 @@ static void one_pass_bf16(bf16* const (&ptr)[NL], int64_t n, float inv_scale, co
     const __mmask16 ke = full ? __mmask16(0xffff) : __mmask16(_pext_u32(k, 0x55555555u));
     const __mmask16 ko = full ? __mmask16(0xffff) : __mmask16(_pext_u32(k, 0xaaaaaaaau));
     if (i + kPrefetch < n) {  // one line of each list per 32 elements
-      for (int l = 0; l < NL; ++l) prefetch_list<LIVE, WRITE, SC>(ptr[l] + i + kPrefetch, l);
+      for (int l = 0; l < NL; ++l) prefetch_list<WRITE, SC>(ptr[l] + i + kPrefetch, l);
     }
     __m512 e[NL], o[NL];
     for (int l = 0; l < NL; ++l) {
-      const Pair x = (LIVE >> l) & 1u ? load(ptr[l] + i, k) : Pair{_mm512_setzero_ps(), _mm512_setzero_ps()};
+      const Pair x = (live_lists(WRITE) >> l) & 1u ? load(ptr[l] + i, k) : Pair{_mm512_setzero_ps(), _mm512_setzero_ps()};
       e[l] = x.e;
       o[l] = x.o;
     }
@@ -290,17 +293,17 @@ static inline void store(f16* x, __m256i w, __mmask16 k) { _mm256_mask_storeu_ep
 }  // namespace f16x16
 
 // one_pass_bf16's contract for fp16 lists, 16 elements a step.
-template <int NL, unsigned LIVE, unsigned WRITE, bool SC, typename F>
+template <int NL, unsigned WRITE, bool SC, typename F>
 static void one_pass_f16(f16* const (&ptr)[NL], int64_t n, float inv_scale, const F& f) {
   using namespace f16x16;
   const __m512 inv = _mm512_set1_ps(inv_scale);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
     if ((i & 31) == 0 && i + kPrefetch < n) {  // one line of each list per 32 elements
-      for (int l = 0; l < NL; ++l) prefetch_list<LIVE, WRITE, SC>(ptr[l] + i + kPrefetch, l);
+      for (int l = 0; l < NL; ++l) prefetch_list<WRITE, SC>(ptr[l] + i + kPrefetch, l);
     }
     __m512 x[NL];
-    for (int l = 0; l < NL; ++l) x[l] = (LIVE >> l) & 1u ? load(ptr[l] + i, k) : _mm512_setzero_ps();
+    for (int l = 0; l < NL; ++l) x[l] = (live_lists(WRITE) >> l) & 1u ? load(ptr[l] + i, k) : _mm512_setzero_ps();
     if (SC) {  // unscale, store the grad, and go on with its rounded value
       const __m256i w = round(_mm512_mul_ps(x[1], inv));
       store(ptr[1] + i, w, k);
@@ -314,13 +317,13 @@ static void one_pass_f16(f16* const (&ptr)[NL], int64_t n, float inv_scale, cons
 #endif  // __F16C__
 
 // T's one-pass driver (bf16 or fp16).
-template <typename T, int NL, unsigned LIVE, unsigned WRITE, bool SC, typename F>
+template <typename T, int NL, unsigned WRITE, bool SC, typename F>
 static void one_pass(T* const (&ptr)[NL], int64_t n, float inv_scale, const F& f) {
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same<T, bf16>::value) one_pass_bf16<NL, LIVE, WRITE, SC>(ptr, n, inv_scale, f);
+  if constexpr (std::is_same<T, bf16>::value) one_pass_bf16<NL, WRITE, SC>(ptr, n, inv_scale, f);
 #endif
 #if defined(__F16C__)
-  if constexpr (std::is_same<T, f16>::value) one_pass_f16<NL, LIVE, WRITE, SC>(ptr, n, inv_scale, f);
+  if constexpr (std::is_same<T, f16>::value) one_pass_f16<NL, WRITE, SC>(ptr, n, inv_scale, f);
 #endif
 }
 
@@ -342,16 +345,16 @@ static void adam_one_pass(T* p, T* g, T* m, T* v, T* vm, int64_t n, const AdamHy
                           const AdamTensorScalars& s, float inv_scale) {
   const AdamZmmConsts kc(h, s);
   T* const ptr[5] = {p, g, m, v, vm};
-  constexpr unsigned live = AMS ? 0b11111u : 0b01111u, write = live & ~0b10u;
+  constexpr unsigned write = AMS ? 0b11101u : 0b01101u;
   const bool low = h.one_minus_beta1 < 0.5f;  // lerp_torch's two sides
   with_scale(inv_scale, [&](auto sc) {
     constexpr bool SC = decltype(sc)::value;
     if (low)
-      one_pass<T, 5, live, write, SC>(ptr, n, inv_scale, [&](__m512 (&x)[5]) {
+      one_pass<T, 5, write, SC>(ptr, n, inv_scale, [&](__m512 (&x)[5]) {
         adam_math_zmm<AMS, MAX, WD, true>(x[0], x[1], x[2], x[3], x[4], kc);
       });
     else
-      one_pass<T, 5, live, write, SC>(ptr, n, inv_scale, [&](__m512 (&x)[5]) {
+      one_pass<T, 5, write, SC>(ptr, n, inv_scale, [&](__m512 (&x)[5]) {
         adam_math_zmm<AMS, MAX, WD, false>(x[0], x[1], x[2], x[3], x[4], kc);
       });
   });
@@ -580,7 +583,7 @@ static void sgd_row(const int64_t* row, int64_t off, int64_t len, const SgdHyper
     if (one_pass_usable<T>()) {
       constexpr unsigned write = MOM != kNoMomentum ? 0b101u : 0b001u;
       return with_scale(inv_scale, [&](auto sc) {
-        one_pass<T, 3, write | 0b10u, write, decltype(sc)::value>(ptr, len, inv_scale, [&](__m512 (&x)[3]) {
+        one_pass<T, 3, write, decltype(sc)::value>(ptr, len, inv_scale, [&](__m512 (&x)[3]) {
           sgd_math_zmm<MAX, WD, MOM>(x[0], x[1], x[2], first, h);
         });
       });
@@ -644,16 +647,16 @@ static void rmsprop_row(const int64_t* row, int64_t off, int64_t len, const Rmsp
 #if defined(__AVX512F__)
   if constexpr (!is_f32<T>) {
     if (one_pass_usable<T>()) {
-      constexpr unsigned live = 0b00101u | (MOM ? 0b01000u : 0u) | (CEN ? 0b10000u : 0u);
+      constexpr unsigned write = 0b00101u | (MOM ? 0b01000u : 0u) | (CEN ? 0b10000u : 0u);
       const bool low = h.one_minus_alpha < 0.5f;
       return with_scale(inv_scale, [&](auto sc) {
         constexpr bool SC = decltype(sc)::value;
         if (low)
-          one_pass<T, 5, live | 0b10u, live, SC>(ptr, len, inv_scale, [&](__m512 (&x)[5]) {
+          one_pass<T, 5, write, SC>(ptr, len, inv_scale, [&](__m512 (&x)[5]) {
             rmsprop_math_zmm<MAX, WD, CEN, MOM, true>(x[0], x[1], x[2], x[4], x[3], h);
           });
         else
-          one_pass<T, 5, live | 0b10u, live, SC>(ptr, len, inv_scale, [&](__m512 (&x)[5]) {
+          one_pass<T, 5, write, SC>(ptr, len, inv_scale, [&](__m512 (&x)[5]) {
             rmsprop_math_zmm<MAX, WD, CEN, MOM, false>(x[0], x[1], x[2], x[4], x[3], h);
           });
       });
