@@ -30,14 +30,19 @@ static inline void prefetch_block(const T* x) {
 template <typename T>
 constexpr bool is_f32 = std::is_same<T, float>::value;
 
-// GradScaler's unscaling happens in the update loop itself: SC is a template
-// flag so that an unscaled step keeps its loop free of the extra store.
-template <bool SC> struct Scaled { static constexpr bool value = SC; };
+// A run-time flag as a template one, so that each side is its own loop
+// without a branch inside: f gets std::true_type or std::false_type.
+template <typename F>
+static void with_flag(bool b, const F& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
+}
 
+// GradScaler's unscaling happens in the update loop itself, under a template
+// flag, so that an unscaled step keeps its loop free of the extra store.
 template <typename F>
 static void with_scale(float inv_scale, const F& f) {
-  if (inv_scale != 1.0f) f(Scaled<true>{});
-  else f(Scaled<false>{});
+  with_flag(inv_scale != 1.0f, f);
 }
 
 // A 16-bit grad block in a float buffer: unscale it, store it back (grads end
@@ -346,17 +351,12 @@ static void adam_one_pass(T* p, T* g, T* m, T* v, T* vm, int64_t n, const AdamHy
   const AdamZmmConsts kc(h, s);
   T* const ptr[5] = {p, g, m, v, vm};
   constexpr unsigned write = AMS ? 0b11101u : 0b01101u;
-  const bool low = h.one_minus_beta1 < 0.5f;  // lerp_torch's two sides
   with_scale(inv_scale, [&](auto sc) {
-    constexpr bool SC = decltype(sc)::value;
-    if (low)
-      one_pass<T, 5, write, SC>(ptr, n, inv_scale, [&](__m512 (&x)[5]) {
-        adam_math_zmm<AMS, MAX, WD, true>(x[0], x[1], x[2], x[3], x[4], kc);
+    with_flag(h.one_minus_beta1 < 0.5f, [&](auto low) {  // lerp_torch's two sides
+      one_pass<T, 5, write, decltype(sc)::value>(ptr, n, inv_scale, [&](__m512 (&x)[5]) {
+        adam_math_zmm<AMS, MAX, WD, decltype(low)::value>(x[0], x[1], x[2], x[3], x[4], kc);
       });
-    else
-      one_pass<T, 5, write, SC>(ptr, n, inv_scale, [&](__m512 (&x)[5]) {
-        adam_math_zmm<AMS, MAX, WD, false>(x[0], x[1], x[2], x[3], x[4], kc);
-      });
+    });
   });
 }
 #endif  // __AVX512F__
@@ -413,7 +413,7 @@ static AdamRowFn pick(const AdamCall& c) {
 
 // ------------------------------------------------------ SGD and RMSprop
 // All lists share the param's storage type T; list 1 is the grad. fp32 runs
-// the math on memory, unscaling in the loop (f gets Scaled<true>); 16-bit
+// the math on memory, unscaling in the loop (f gets std::true_type); 16-bit
 // storage goes through float blocks, unscaled per block. Null lists (no
 // momentum, not centered) are neither read nor written.
 template <typename T, int NL, unsigned WRITE, typename F>
@@ -434,7 +434,7 @@ static void run_blocked(T* const (&ptr)[NL], int64_t n, float inv_scale, const F
       for (int l = 0; l < NL; ++l)
         if (ptr[l] != nullptr) load_block(ptr[l] + i0, buf[l], k);
       if (inv_scale != 1.0f) unscale_block(buf[1], ptr[1] + i0, k, inv_scale);
-      f(x, k, Scaled<false>{});
+      f(x, k, std::false_type{});
       for (int l = 0; l < NL; ++l)
         if (((WRITE >> l) & 1u) && ptr[l] != nullptr) store_block(buf[l], ptr[l] + i0, k);
     }
@@ -648,17 +648,12 @@ static void rmsprop_row(const int64_t* row, int64_t off, int64_t len, const Rmsp
   if constexpr (!is_f32<T>) {
     if (one_pass_usable<T>()) {
       constexpr unsigned write = 0b00101u | (MOM ? 0b01000u : 0u) | (CEN ? 0b10000u : 0u);
-      const bool low = h.one_minus_alpha < 0.5f;
       return with_scale(inv_scale, [&](auto sc) {
-        constexpr bool SC = decltype(sc)::value;
-        if (low)
-          one_pass<T, 5, write, SC>(ptr, len, inv_scale, [&](__m512 (&x)[5]) {
-            rmsprop_math_zmm<MAX, WD, CEN, MOM, true>(x[0], x[1], x[2], x[4], x[3], h);
+        with_flag(h.one_minus_alpha < 0.5f, [&](auto low) {  // lerp_torch's two sides
+          one_pass<T, 5, write, decltype(sc)::value>(ptr, len, inv_scale, [&](__m512 (&x)[5]) {
+            rmsprop_math_zmm<MAX, WD, CEN, MOM, decltype(low)::value>(x[0], x[1], x[2], x[4], x[3], h);
           });
-        else
-          one_pass<T, 5, write, SC>(ptr, len, inv_scale, [&](__m512 (&x)[5]) {
-            rmsprop_math_zmm<MAX, WD, CEN, MOM, false>(x[0], x[1], x[2], x[4], x[3], h);
-          });
+        });
       });
     }
   }
