@@ -32,11 +32,8 @@ def launch(op, backend, params, grads, table, args, grad_inv_scale=1.0, device_i
     if backend == "native":
         if params[0].is_cuda:
             stream = torch.cuda.current_stream(params[0].device).cuda_stream
-            kw = dict(device_inputs or {})
-            if grads[0].dtype != params[0].dtype:   # fp32 masters, 16-bit grads
-                kw["grad_dtype"] = _checks.DTYPE_CODES[grads[0].dtype]
-            getattr(_backends.cuda_module(), f"{op}_step")(table.ctypes.data, n, *args, stream,
-                                                           **kw)
+            cuda_launch(_backends.cuda_module(), op, params, grads, table, args, stream,
+                        device_inputs)
         else:
             getattr(_backends.cpu_module(), f"{op}_step")(
                 table.ctypes.data, n, *args, _checks.DTYPE_CODES[grads[0].dtype], grad_inv_scale,
@@ -47,6 +44,15 @@ def launch(op, backend, params, grads, table, args, grad_inv_scale=1.0, device_i
         getattr(nb, f"{op}_step")(table, n, *args, torch.get_num_threads())
         return True
     return False
+
+
+def cuda_launch(module, op, params, grads, table, args, stream, device_inputs=None):
+    """``<op>_step`` of a CUDA module (pyopt._C_cuda; tests/cuda_emu runs the
+    same call on the host) over an address table, on ``stream``."""
+    kw = dict(device_inputs or {})
+    if grads[0].dtype != params[0].dtype:   # fp32 masters, 16-bit grads
+        kw["grad_dtype"] = _checks.DTYPE_CODES[grads[0].dtype]
+    getattr(module, f"{op}_step")(table.ctypes.data, len(params), *args, stream, **kw)
 
 
 class _Bucket:
