@@ -173,19 +173,14 @@ def test_cuda_kernels_equal_the_cpu_kernels(config, layout, request, monkeypatch
 # points with capturable=True: the step counts, lr, grad_scale and found_inf
 # are all read from (emulated) device memory.
 
-def _adam_table(tensors, steps):
+def _table(tensors, steps):
+    """Adam and RMSprop rows share columns 0-6: the tensors (param, grad, then
+    exp_avg, exp_avg_sq[, max_exp_avg_sq] or square_avg, momentum, grad_avg),
+    the step count and numel."""
     t = np.zeros((len(tensors), 9), dtype=np.int64)
-    for i, row in enumerate(tensors):   # param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq]
+    for i, row in enumerate(tensors):
         t[i, :len(row)] = [x.data_ptr() for x in row]
         t[i, 5], t[i, 6] = steps[i].data_ptr(), row[0].numel()
-    return t
-
-
-def _rms_table(tensors, steps):
-    t = np.zeros((len(tensors), 9), dtype=np.int64)
-    for i, (p, g, sq, b, ga) in enumerate(tensors):
-        t[i, :5] = [p.data_ptr(), g.data_ptr(), sq.data_ptr(), b.data_ptr(), ga.data_ptr()]
-        t[i, 5], t[i, 6] = steps[i].data_ptr(), p.numel()
     return t
 
 
@@ -216,7 +211,7 @@ def test_capturable_step_reads_device_scalars(emu, op, dt):
     runs = {}
     for mode in ("cpu", "capturable"):
         ls, steps = _clone(lists), [torch.zeros(()) for _ in lists]
-        table = (_adam_table if op == "adam" else _rms_table)(ls, steps)
+        table = _table(ls, steps)
         lr_t, scale_t = torch.tensor([lr]), torch.tensor([scale])
         found = torch.zeros(1)
         for s, gs in enumerate(grads):
@@ -262,7 +257,7 @@ def test_many_tensors_split_into_launches(emu):
     lists = _lists(500, 4, torch.float32, gen, sizes=(1, 3, 17))
     ref = _clone(lists)
     steps, ref_steps = [torch.zeros(()) for _ in lists], [torch.zeros(()) for _ in lists]
-    table, ref_table = _adam_table(lists, steps), _adam_table(ref, ref_steps)  # kept alive
+    table, ref_table = _table(lists, steps), _table(ref, ref_steps)  # kept alive
     emu.adam_step(table.ctypes.data, len(lists), 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False,
                   False, 0, 0, 0, capturable=True)
     _backends.cpu_module().adam_step(ref_table.ctypes.data, len(ref), 1e-3, 0.9, 0.999, 1e-8,

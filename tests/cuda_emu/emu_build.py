@@ -23,7 +23,6 @@ FLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-pthread", "-ffp-contract=off
          "-fno-math-errno", "-fvisibility=hidden", "-w"]
 LAUNCH = re.compile(r"(\w+(?:<\w+>)?)<<<(.+?)>>>\((.*?)\);")
 TRANSFORMED = ("cuda/optim.cu", "cuda/multi_tensor_apply.cuh")
-VERBATIM = ("bind_cuda.cpp",)
 
 
 def host_source(text: str, name: str) -> str:
@@ -58,11 +57,9 @@ def build(cache_root: Path | None = None) -> Path:
     cmd = [os.environ.get("CXX", "g++"), *flags,
            f"-I{HERE / 'include'}", f"-I{src}", f"-I{CSRC}",
            f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
-           str(src / "cuda" / "optim.cu"), str(CSRC / "bind_cuda.cpp"), str(HERE / "stubs.cpp"),
-           "-o", str(so) + ".tmp"]
-    # optim.cu is C++ here: -x c++ for it alone, then back to automatic.
-    i = cmd.index(str(src / "cuda" / "optim.cu"))
-    cmd[i:i + 1] = ["-x", "c++", cmd[i], "-x", "none"]
+           # optim.cu is C++ here: -x c++ for it alone, then back to automatic
+           "-x", "c++", str(src / "cuda" / "optim.cu"), "-x", "none",
+           str(CSRC / "bind_cuda.cpp"), str(HERE / "stubs.cpp"), "-o", str(so) + ".tmp"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"cuda_emu: the host build failed:\n{' '.join(cmd)}\n{r.stderr[-6000:]}")

@@ -77,7 +77,7 @@ template <typename F>
 void launch(dim3 grid, dim3 block, size_t, cudaStream_t, const F& kernel) {
   constexpr size_t kStack = 256 * 1024;
   const unsigned n = block.x * block.y * block.z;
-  const std::function<void()> fn = [&] { kernel(); };
+  const std::function<void()> fn = kernel;
   std::vector<Fiber> fibers(n);
   for (auto& f : fibers) f.stack.reset(new char[kStack]);
   body = &fn;
@@ -94,18 +94,18 @@ void launch(dim3 grid, dim3 block, size_t, cudaStream_t, const F& kernel) {
     blockIdx = dim3(b);
     blockDim = block;
     gridDim = grid;
-    for (unsigned live = n; live > 0;) {
+    unsigned live = n;  // fibers not yet at their end: all of them, or none
+    while (live != 0) {
+      live = 0;
       for (unsigned t = 0; t < n; ++t) {
         if (fibers[t].done) continue;
         threadIdx = dim3(t);
         running = &fibers[t];
         swapcontext(&scheduler, &fibers[t].ctx);
+        live += fibers[t].done ? 0 : 1;
       }
-      unsigned still = 0;
-      for (auto& f : fibers) still += f.done ? 0 : 1;
       if (error) std::rethrow_exception(error);
-      if (still != 0 && still != n) throw std::logic_error("cuda_emu: divergent __syncthreads");
-      live = still;
+      if (live != 0 && live != n) throw std::logic_error("cuda_emu: divergent __syncthreads");
     }
   }
 }
